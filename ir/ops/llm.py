@@ -1,0 +1,166 @@
+"""`llm.*`: the fused operations of decoder-only transformers that kernels and TensorRT plugins
+implement. Each reference follows `transformers`' arithmetic (dtypes and rounding order) so
+that a fused graph matches the model it came from."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import OpError, op
+from ..types import DType, TensorType
+from .infer import broadcast_shapes, same_dtype
+
+
+def _linear(x: TensorType, weight: TensorType, bias: TensorType | None = None) -> TensorType:
+    dtype = same_dtype(x, weight, *([bias] if bias is not None else []))
+    if weight.rank != 2:
+        raise OpError(f"weight must be [out_features, in_features], got {weight}")
+    if x.rank < 1 or x.shape[-1] != weight.shape[1]:
+        raise OpError(f"x {x} does not end in in_features={weight.shape[1]} of weight {weight}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise OpError(f"bias {bias} must be [{weight.shape[0]}]")
+    return TensorType(dtype, (*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_cost(operands: Sequence[TensorType], results: Sequence[TensorType], attrs: Mapping,
+                 bindings: Mapping[str, int]) -> tuple[int, int]:
+    weight = operands[1]
+    k = TensorType(weight.dtype, weight.shape[1:]).numel(bindings)
+    return 2 * results[0].numel(bindings) * k, sum(t.nbytes(bindings) for t in (*operands, *results))
+
+
+@op("llm.linear", infer=_linear, cost=_linear_cost)
+def linear(x, weight, bias=None):
+    """y = x @ weight.T + bias with weight in [out_features, in_features] (HF layout)."""
+    return F.linear(x, weight, bias)
+
+
+def _embedding(weight: TensorType, ids: TensorType) -> TensorType:
+    if ids.dtype not in (DType.i32, DType.i64):
+        raise OpError(f"token ids must be i32 or i64, got {ids}")
+    if weight.rank != 2:
+        raise OpError(f"table must be [vocab, hidden], got {weight}")
+    return TensorType(weight.dtype, (*ids.shape, weight.shape[1]))
+
+
+def _embedding_cost(operands: Sequence[TensorType], results: Sequence[TensorType], attrs: Mapping,
+                    bindings: Mapping[str, int]) -> tuple[int, int]:
+    return 0, operands[1].nbytes(bindings) + 2 * results[0].nbytes(bindings)
+
+
+@op("llm.embedding", infer=_embedding, cost=_embedding_cost)
+def embedding(weight, ids):
+    """Token ids to rows of the embedding table."""
+    return F.embedding(ids.long(), weight)
+
+
+def _rms_norm(x: TensorType, weight: TensorType, *, eps: float) -> TensorType:
+    if weight.rank != 1 or weight.shape[0] != x.shape[-1]:
+        raise OpError(f"weight {weight} must be [{x.shape[-1]}] for x {x}")
+    if not x.dtype.is_float:
+        raise OpError(f"x must be a float tensor, got {x}")
+    same_dtype(x, weight)
+    return x
+
+
+@op("llm.rms_norm", infer=_rms_norm)
+def rms_norm(x, weight, *, eps: float = 1e-6):
+    """RMSNorm as Llama computes it: normalise in f32, cast back, then scale by the weight."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed
+
+
+def _rope(x: TensorType, positions: TensorType, inv_freq: TensorType, *, rotary_dim: int | None,
+          interleaved: bool, scale: float) -> TensorType:
+    if x.rank < 2 or tuple(x.shape[:-2]) != tuple(positions.shape):
+        raise OpError(f"x {x} must be [*P, heads, head_dim] for positions {positions} of shape P")
+    if positions.dtype not in (DType.i32, DType.i64):
+        raise OpError(f"positions must be i32 or i64, got {positions}")
+    rd = x.shape[-1] if rotary_dim is None else rotary_dim
+    if not isinstance(rd, int) or rd % 2 or inv_freq.shape != (rd // 2,):
+        raise OpError(f"inv_freq {inv_freq} must be [{rd}/2] for rotary_dim {rd}")
+    return x
+
+
+@op("llm.rope", infer=_rope)
+def rope(x, positions, inv_freq, *, rotary_dim: int | None = None, interleaved: bool = False,
+         scale: float = 1.0):
+    """Rotary position embedding at explicit positions, so that packed tokens of many sequences
+    rotate correctly. `inv_freq` carries any frequency scaling (llama3, yarn) from the model;
+    `scale` multiplies cos and sin (yarn's attention factor). Half-split layout unless
+    `interleaved` (GPT-J pairs)."""
+    rd = x.shape[-1] if rotary_dim is None else rotary_dim
+    freqs = positions.float()[..., None] * inv_freq.float()                 # [*P, rd/2]
+    emb = torch.cat([freqs, freqs], -1) if not interleaved else freqs.repeat_interleave(2, -1)
+    cos = (emb.cos() * scale).to(x.dtype)[..., None, :]                     # [*P, 1, rd]
+    sin = (emb.sin() * scale).to(x.dtype)[..., None, :]
+    rot, rest = x[..., :rd], x[..., rd:]
+    if interleaved:
+        pairs = rot.unflatten(-1, (rd // 2, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+    else:
+        rotated = torch.cat([-rot[..., rd // 2:], rot[..., : rd // 2]], -1)
+    return torch.cat([rot * cos + rotated * sin, rest], -1)
+
+
+def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | None = None, *,
+               causal: bool, scale: float | None) -> TensorType:
+    same_dtype(q, k, v)
+    if not (q.rank == k.rank == v.rank == 4):
+        raise OpError(f"q, k, v must be [batch, heads, seq, head_dim], got {q}, {k}, {v}")
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise OpError(f"k {k} and v {v} must agree in batch, kv heads and length")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise OpError(f"q {q} and k {k} must agree in batch and head_dim")
+    hq, hkv = q.shape[1], k.shape[1]
+    if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+        raise OpError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+    if mask is not None:
+        if mask.dtype is not DType.bool and mask.dtype is not q.dtype:
+            raise OpError(f"mask must be bool or {q.dtype}, got {mask}")
+        broadcast_shapes(mask.shape, (q.shape[0], hq, q.shape[2], k.shape[2]))
+    return TensorType(q.dtype, (*q.shape[:3], v.shape[3]))
+
+
+def _attention_cost(operands: Sequence[TensorType], results: Sequence[TensorType], attrs: Mapping,
+                    bindings: Mapping[str, int]) -> tuple[int, int]:
+    q, k = operands[0], operands[1]
+    b, h, s, d = q.concrete(bindings)
+    skv = k.concrete(bindings)[2]
+    return 4 * b * h * s * skv * d, sum(t.nbytes(bindings) for t in (*operands, *results))
+
+
+@op("llm.attention", infer=_attention, cost=_attention_cost)
+def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None):
+    """Scaled dot-product attention with grouped KV heads (q heads a multiple of kv heads).
+    Causal masking is aligned to the bottom right: query i of S sees keys up to i + Skv - S,
+    which is what decoding after a prefix needs. A bool mask keeps True positions; a float mask
+    is added to the scores. Scores and softmax are computed in f32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    s, skv = q.shape[2], k.shape[2]
+    if causal:
+        keep = torch.ones(s, skv, dtype=torch.bool, device=q.device).tril(skv - s)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def _silu_mul(gate: TensorType, up: TensorType) -> TensorType:
+    if gate != up:
+        raise OpError(f"gate {gate} and up {up} must have one type")
+    return gate
+
+
+@op("llm.silu_mul", infer=_silu_mul)
+def silu_mul(gate, up):
+    """silu(gate) * up: the SwiGLU activation of Llama-style MLPs."""
+    return F.silu(gate) * up

@@ -19,7 +19,7 @@ def to_json_dict(graph: Graph) -> dict[str, Any]:
                    for v in graph.params.values()],
         "ops": [{"op": op.name,
                  "operands": [v.ref for v in op.operands],
-                 "attrs": {k: format_attr_value(v) for k, v in op.attrs.items()},
+                 "attrs": {k: format_attr_value(v, op.opdef.attrs[k].kind.name) for k, v in op.attrs.items()},
                  "results": [{"name": r.name, "type": str(r.type)} for r in op.results],
                  **({"loc": op.loc} if op.loc else {})}
                 for op in graph.ops],

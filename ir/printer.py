@@ -23,7 +23,11 @@ def format_type(t: TensorType) -> str:
     return str(t)
 
 
-def format_attr_value(v: Any) -> str:
+def format_attr_value(v: Any, kind: str = "") -> str:
+    """The text of an attribute value. Strings are quoted, except symbolic dims (kind Dim, and
+    every string inside a list: lists hold ints and dims only)."""
+    if isinstance(v, str) and kind.startswith("Dim"):
+        return v
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -37,14 +41,15 @@ def format_attr_value(v: Any) -> str:
     if v is None:
         return "none"
     if isinstance(v, (tuple, list)):
-        return "[" + ",".join(format_attr_value(x) for x in v) + "]"
+        return "[" + ",".join(x if isinstance(x, str) else format_attr_value(x) for x in v) + "]"
     raise TypeError(f"attribute value {v!r} of type {type(v).__name__} has no text form")
 
 
 def format_attrs(op: Op) -> str:
     shown = [(k, v) for k, v in op.attrs.items()
              if k not in op.opdef.attrs or not _is_default(v, op.opdef.attrs[k].default)]
-    return "{" + ", ".join(f"{k}={format_attr_value(v)}" for k, v in shown) + "}" if shown else ""
+    kinds = {k: spec.kind.name for k, spec in op.opdef.attrs.items()}
+    return "{" + ", ".join(f"{k}={format_attr_value(v, kinds.get(k, ''))}" for k, v in shown) + "}" if shown else ""
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -98,7 +98,11 @@ def where(cond, a, b):
 
 # --- constants and index generators -----------------------------------------------------------
 
-@op("core.constant", infer=lambda *, value, dtype, shape: TensorType(dtype, shape))
+def _free(operands, results, attrs, bindings) -> tuple[int, int]:
+    return 0, 0
+
+
+@op("core.constant", infer=lambda *, value, dtype, shape: TensorType(dtype, shape), cost=_free)
 def constant(*, value: Scalar, dtype: DType, shape: Shape = ()):
     """A splat: every element holds `value`; larger data lives in parameters."""
     return torch.full(shape, value, dtype=dtype.torch)

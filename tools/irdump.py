@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Sequence, TextIO
 
 from ..ir.dot import to_dot
 from ..ir.graph import Graph
@@ -84,7 +84,8 @@ def list_passes() -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     if args.list_passes:
         out.write(list_passes())
         return 0

@@ -79,7 +79,12 @@ class _Dialect:
         self._builder, self._dialect = builder, dialect
 
     def __getattr__(self, name: str):
-        opdef = get_op(f"{self._dialect}.{name}")
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            opdef = get_op(f"{self._dialect}.{name}")
+        except KeyError as e:  # getattr/hasattr expect AttributeError
+            raise AttributeError(e.args[0]) from None
 
         def call(*operands: Value, loc: str | None = None, **attrs: Any):
             return self._builder.op(opdef, *operands, loc=loc, **attrs)

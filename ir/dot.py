@@ -9,7 +9,7 @@ from .printer import format_attrs
 
 
 def _q(s: str) -> str:
-    return json.dumps(s)
+    return json.dumps(s, ensure_ascii=False)
 
 
 def to_dot(graph: Graph, *, params: bool = True) -> str:

@@ -9,6 +9,7 @@ methods so that the cached use lists stay right.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -258,4 +259,5 @@ def _next_number(names: Iterable[str]) -> int:
 
 
 def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"')
+    """The body of a JSON string literal (the parser reads quoted names and locs with json.loads)."""
+    return json.dumps(s, ensure_ascii=False)[1:-1]

@@ -30,7 +30,8 @@ class Token:
     col: int
 
 
-_NAME = r'(?:[A-Za-z0-9_][A-Za-z0-9_.]*|"(?:[^"\\\n]|\\.)*")'
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'  # what json.loads reads back
+_NAME = rf'(?:[A-Za-z0-9_][A-Za-z0-9_.]*|{_JSON_STRING})'
 _TOKEN_RE = re.compile("|".join(f"(?P<{k}>{p})" for k, p in [
     ("COMMENT", r"//[^\n]*"),
     ("NEWLINE", r"\n"),
@@ -38,7 +39,7 @@ _TOKEN_RE = re.compile("|".join(f"(?P<{k}>{p})" for k, p in [
     ("ARROW", r"->"),
     ("VALUE", "%" + _NAME),
     ("PARAM", "@" + _NAME),
-    ("STRING", r'"(?:[^"\\\n]|\\.)*"'),
+    ("STRING", _JSON_STRING),
     ("NUMBER", r"-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+|inf\b)"),
     ("IDENT", r"[A-Za-z_][A-Za-z0-9_.]*"),
     ("PUNCT", r"[()\[\]{},:=*+/-]"),
@@ -50,7 +51,9 @@ def tokenize(text: str, source: str | None = None) -> list[Token]:
     while pos < len(text):
         m = _TOKEN_RE.match(text, pos)
         if m is None:
-            raise ParseError(f"unexpected character {text[pos]!r}", line, pos - line_start + 1, source)
+            message = (f"unexpected character {text[pos]!r}" if '"' not in text[pos:pos + 2] else
+                       "malformed string (quotes, backslashes and control characters need JSON escapes)")
+            raise ParseError(message, line, pos - line_start + 1, source)
         kind = m.lastgroup
         if kind == "NEWLINE":
             line, line_start = line + 1, m.end()

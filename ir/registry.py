@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -134,8 +136,25 @@ _BASE_KINDS = {
 }
 
 
-def _attr_kind(annotation: str, where: str) -> AttrKind:
-    parts = [p.strip().strip("'\"") for p in str(annotation).split("|")]
+_KIND_OBJECTS = {"int": int, "float": float, "bool": bool, "str": str, "DType": DType, "Ints": Ints,
+                 "Shape": Shape, "Dim": Dim, "Scalar": Scalar}
+
+
+def _annotation_text(annotation: Any) -> str:
+    """The annotation as written: it is already text under `from __future__ import annotations`,
+    else an object (`int`, `float | None`, `Dim`) that is named back here."""
+    if isinstance(annotation, str):
+        return annotation
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
+    rest = tuple(a for a in args if a is not type(None))
+    base = rest[0] if len(rest) == 1 else typing.Union[rest]
+    name = next((n for n, obj in _KIND_OBJECTS.items() if obj == base), repr(annotation))
+    return name + (" | None" if len(rest) < len(args) else "")
+
+
+def _attr_kind(annotation: Any, where: str) -> AttrKind:
+    parts = [p.strip().strip("'\"") for p in _annotation_text(annotation).split("|")]
     optional = "None" in parts
     parts = [p for p in parts if p != "None"]
     if len(parts) != 1 or parts[0] not in _BASE_KINDS:

@@ -121,9 +121,12 @@ def canonical_dim(dim: Dim) -> Dim:
                 raise ValueError(f"{dim!r} is a reserved word and cannot name a symbolic dimension")
             return dim
         try:
-            return _from_expr(_to_expr(dim))
+            expr = _to_expr(dim)
         except (sympy.SympifyError, SyntaxError, TypeError) as e:
             raise ValueError(f"malformed symbolic dimension {dim!r}") from e
+        if expr.is_number and not (expr.is_Integer and expr >= 0):
+            raise ValueError(f"dimension {dim!r} is not a non-negative integer")
+        return _from_expr(expr)
     raise TypeError(f"a dimension must be an int or a symbol string, got {type(dim).__name__}")
 
 
@@ -155,7 +158,9 @@ def dim_div(a: Dim, b: Dim) -> Dim:
         if b == 0 or a % b:
             raise ValueError(f"{a} is not divisible by {b}")
         return a // b
-    num, den = sympy.fraction(sympy.cancel(_to_expr(a) / _to_expr(b)))
+    if b == 0:
+        raise ValueError(f"{a} is not divisible by {b}")
+    num, den = sympy.fraction(sympy.together(sympy.cancel(_to_expr(a) / _to_expr(b))))
     if den != 1:
         raise ValueError(f"{a} is not divisible by {b}")
     q = num

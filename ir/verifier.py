@@ -46,7 +46,7 @@ def check(graph: Graph) -> list[Diagnostic]:
     header = len(graph.params) + 1
 
     def define(v: Value, line: int) -> None:
-        if v.name in names and names[v.name] is not v:
+        if id(v) in defined or v.name in names and names[v.name] is not v:
             out.append(Diagnostic(line, f"{v.ref} is defined more than once (SSA values are defined once)"))
         names[v.name] = v
         defined.add(id(v))
@@ -95,7 +95,7 @@ def _check_op(op: Op, where: str) -> list[str]:
         attrs = op.opdef.normalise_attrs(op.attrs)
     except OpError as e:
         return [f"{e} {where}"]
-    if attrs != op.attrs:
+    if attrs != op.attrs or any(type(v) is not type(op.attrs[k]) for k, v in attrs.items()):
         return [f"{op.name} attributes are not normalised ({op.attrs} vs {attrs}) {where}"]
     try:
         types = op.opdef.infer_types([v.type for v in op.operands], op.attrs)

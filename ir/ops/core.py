@@ -52,18 +52,29 @@ def _unary(fn):
     return reference
 
 
-for _name, (_fn, _traits) in _BINARY.items():
-    define(f"core.{_name}", _binary(_fn), elementwise, traits=_traits)
-for _name, (_fn, _traits) in _COMPARE.items():
-    define(f"core.{_name}", _binary(_fn), compare, traits=_traits)
-for _name, _fn in _UNARY.items():
-    define(f"core.{_name}", _unary(_fn), same_as_first, traits=EW)
-
-
 def _float_only(x: TensorType, **_) -> TensorType:
     if not x.dtype.is_float:
         raise OpError(f"operand must be a float tensor, got {x}")
     return x
+
+
+def _float_elementwise(*types: TensorType) -> TensorType:
+    return _float_only(elementwise(*types))
+
+
+# torch computes these in floating point: on integer tensors it returns floats (or refuses),
+# so they take float operands only; logical_not returns bool whatever it is given.
+_FLOAT_ONLY = {"div", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sigmoid", "silu", "erf", "sin", "cos"}
+
+for _name, (_fn, _traits) in _BINARY.items():
+    define(f"core.{_name}", _binary(_fn), _float_elementwise if _name in _FLOAT_ONLY else elementwise,
+           traits=_traits)
+for _name, (_fn, _traits) in _COMPARE.items():
+    define(f"core.{_name}", _binary(_fn), compare, traits=_traits)
+for _name, _fn in _UNARY.items():
+    define(f"core.{_name}", _unary(_fn),
+           _float_only if _name in _FLOAT_ONLY else
+           (lambda x: x.with_dtype(DType.bool)) if _name == "logical_not" else same_as_first, traits=EW)
 
 
 @op("core.gelu", infer=_float_only, traits=EW)
@@ -72,7 +83,7 @@ def gelu(x, *, approximate: str = "none"):
     return F.gelu(x, approximate=approximate)
 
 
-@op("core.clamp", infer=same_as_first, traits=EW)
+@op("core.clamp", infer=_float_only, traits=EW)
 def clamp(x, *, min: float | None = None, max: float | None = None):
     """Saturation, used by quantization's reference semantics."""
     return torch.clamp(x, min=min, max=max)
@@ -111,7 +122,10 @@ def constant(*, value: Scalar, dtype: DType, shape: Shape = ()):
 def _arange(*, end: Dim, start: int, step: int, dtype: DType) -> TensorType:
     if step <= 0:
         raise OpError(f"step must be positive, got {step}")
-    length = dim_sub(end, start) if step == 1 else dim_div(dim_add(dim_sub(end, start), step - 1), step)
+    if isinstance(end, int):
+        length: Dim = max(0, (end - start + step - 1) // step)
+    else:
+        length = dim_sub(end, start) if step == 1 else dim_div(dim_add(dim_sub(end, start), step - 1), step)
     return TensorType(dtype, (length,))
 
 
@@ -183,6 +197,8 @@ def _slice(x: TensorType, *, dim: int, start: Dim, end: Dim | None, step: int) -
         length = max(0, (hi - lo + step - 1) // step)
     else:
         length = dim_sub(hi, lo) if step == 1 else dim_div(dim_add(dim_sub(hi, lo), step - 1), step)
+        if isinstance(length, int):  # T-2 to T-3: the symbols cancel, an empty range
+            length = max(0, length)
     shape = list(x.shape)
     shape[d] = length
     return x.with_shape(shape)
@@ -268,12 +284,14 @@ def _reduce(x: TensorType, *, dims: Sequence[int], keepdim: bool) -> TensorType:
 
 def _reduction(fn):
     def reference(x, *, dims: Ints = (), keepdim: bool = False):
-        return fn(x, dim=tuple(dims) if dims else tuple(range(x.dim())), keepdim=keepdim)
+        # torch.sum widens integers to int64; the IR keeps the operand's dtype
+        return fn(x, dim=tuple(dims) if dims else tuple(range(x.dim())), keepdim=keepdim).to(x.dtype)
     return reference
 
 
 for _name, _fn in {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax, "amin": torch.amin}.items():
-    define(f"core.{_name}", _reduction(_fn), _reduce)
+    define(f"core.{_name}", _reduction(_fn),
+           (lambda x, **attrs: _reduce(_float_only(x), **attrs)) if _name == "mean" else _reduce)
 
 
 def _argmax(x: TensorType, *, dim: int, keepdim: bool) -> TensorType:

@@ -157,6 +157,8 @@ def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None =
 def _silu_mul(gate: TensorType, up: TensorType) -> TensorType:
     if gate != up:
         raise OpError(f"gate {gate} and up {up} must have one type")
+    if not gate.dtype.is_float:
+        raise OpError(f"gate and up must be float tensors, got {gate}")
     return gate
 
 

@@ -97,12 +97,17 @@ class ReferenceExecutable:
         for i, op in enumerate(self.graph.ops):
             args = [env[id(v)] if id(v) in env else self._param(v) if v.is_param else _undefined(op, v)
                     for v in op.operands]
-            attrs = _resolve(op, self._symbolic_attrs[id(op)], bindings)
+            try:
+                attrs = _resolve(op, self._symbolic_attrs[id(op)], bindings)
+            except KeyError as e:  # an attribute's symbol that no input binds
+                raise ExecutionError(f"{self._where(op)}: {e.args[0]}") from None
             try:
                 with torch.no_grad():
                     results = op.opdef.run_reference(*args, **attrs)
             except Exception as e:
                 raise ExecutionError(f"{self._where(op)}: {type(e).__name__}: {e}") from e
+            if not args:  # constants and aranges are made on the CPU
+                results = tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in results)
             for r, t in zip(op.results, results):
                 if self.check_types:
                     _check_tensor(r.type, t, bindings, self._where(op))

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Value
-from ..ir.types import DType
+from ..ir.types import DType, dim_add
 from .cleanup import dce
 from .fold import FOLD_RULES
 from .manager import register_pass
@@ -83,11 +83,13 @@ def _constant_left(m: Match) -> bool:
 
 
 def _slice_of_slice_step1(m: Match) -> bool:
-    return all(isinstance(v, int) and v >= 0 for v in (m.s1, m.s2)) and m.e1 is None and m.d1 == m.d2
+    # A negative end counts from the end of the inner slice, which the combined slice cannot say.
+    return (all(isinstance(v, int) and v >= 0 for v in (m.s1, m.s2)) and m.e1 is None and m.d1 == m.d2
+            and not (isinstance(m.e2, int) and m.e2 < 0))
 
 
 def _slice_slice(m: Match, b: Builder) -> Value:
-    e2: Any = m.e2 if m.e2 is None else m.e2 + m.s1
+    e2: Any = m.e2 if m.e2 is None else dim_add(m.e2, m.s1)
     return b.core.slice(m.x, dim=m.d1, start=m.s1 + m.s2, end=e2)
 
 

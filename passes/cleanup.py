@@ -27,7 +27,12 @@ def _cse_key(op: Op) -> tuple:
     operands = tuple(id(v) for v in op.operands)
     if op.opdef.has(Trait.COMMUTATIVE):
         operands = tuple(sorted(operands))
-    return op.name, operands, tuple(sorted(op.attrs.items(), key=lambda kv: kv[0]))
+    return op.name, operands, tuple((k, _attr_key(v)) for k, v in sorted(op.attrs.items(), key=lambda kv: kv[0]))
+
+
+def _attr_key(v: object) -> object:
+    # 0.0 == -0.0 (and they hash alike), but constants of the two differ (1/x); NaN != NaN.
+    return (float, repr(v)) if isinstance(v, float) else v
 
 
 @register_pass("cse")

@@ -1,6 +1,6 @@
-"""Constant folding, as rules: splat constants through elementwise and shape ops, and pure ops
-over parameters into new, lazily computed parameters (a transposed or concatenated weight costs
-nothing until a backend loads it)."""
+"""Constant folding, as rules: splat constants through elementwise and shape ops, and layout
+changes of weights into new, lazily computed parameters (a transposed or concatenated weight
+costs nothing until a backend loads it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ..ir.builder import Builder
 from ..ir.graph import Graph, Op, Value
 from ..ir.registry import Trait
 from ..ir.storage import DerivedStorage, Storage, TensorStorage
+from ..ir.types import DType
 from .manager import register_pass
 from .pattern import Match, P, Rule, RuleSet, apply_greedily
 
@@ -56,11 +57,20 @@ def _view_of_constant(m: Match) -> bool:
 
 
 def _foldable_over_params(m: Match) -> bool:
+    """Layout changes of weights only (transposes, reshapes, slices, concatenations), and only
+    where the stored weight bytes do not grow: folding must neither undo a quantization
+    (dequantize, cast) nor keep a weight twice because it is also used elsewhere."""
     op = m.root.op
-    return (op.opdef.is_pure and op.name != "core.constant" and bool(op.operands)
+    if not ((op.opdef.has(Trait.SHAPE_ONLY) or op.name == "core.concat")
             and any(v.is_param for v in op.operands)
             and all(_storage_of(v) is not None for v in op.operands)
-            and all(r.type.is_static for r in op.results))
+            and all(r.type.is_static for r in op.results)
+            # i4 storage is packed two per byte, which op references do not read or write
+            and all(v.type.dtype is not DType.i4 for v in (*op.operands, *op.results))):
+        return False
+    params = {id(v): v for v in op.operands if v.is_param}.values()
+    kept = sum(v.type.nbytes() for v in params if any(u is not op for u in m.graph.users(v)))
+    return sum(r.type.nbytes() for r in op.results) + kept <= sum(v.type.nbytes() for v in params)
 
 
 def _fold_params(m: Match, b: Builder) -> tuple[Value, ...]:

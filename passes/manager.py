@@ -53,7 +53,8 @@ def register_pass(name: str) -> Callable[[PassFn], PassFn]:
         for p in list(inspect.signature(fn).parameters.values())[1:]:
             if p.kind is not p.KEYWORD_ONLY or p.default is p.empty:
                 raise TypeError(f"pass {name}: option {p.name} must be keyword-only with a default")
-            kind = _OPTION_TYPES.get(str(p.annotation).replace("'", ""))
+            ann = p.annotation  # a type, or its name under `from __future__ import annotations`
+            kind = _OPTION_TYPES.get(ann.__name__ if isinstance(ann, type) else str(ann).replace("'", ""))
             if kind is None:
                 raise TypeError(f"pass {name}: option {p.name} must be annotated int, float, bool or str")
             options[p.name] = (kind, p.default)

@@ -197,7 +197,7 @@ def _both_nan(a: Any, b: Any) -> bool:
 
 @dataclass(frozen=True)
 class OneOf(Pattern):
-    """The first of several alternatives that matches (each is tried, with backtracking)."""
+    """Any of several alternatives: each is tried in order, with backtracking into the rest of the pattern."""
 
     alternatives: tuple[Pattern, ...]
 
@@ -330,12 +330,15 @@ def _try_rule(graph: Graph, r: Rule, op: Op, worklist: deque[Op], alive: set[int
         for nv in new_values:
             if nv.op is not None and id(nv.op) in alive:
                 worklist.append(nv.op)
-        _erase_dead(graph, [op], alive)
+        _erase_dead(graph, [op], alive, worklist)
         return True
     return False
 
 
-def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int]) -> None:
+def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int], worklist: deque[Op] | None = None) -> None:
+    """Erase the pure ops among `ops` (and then their operands' ops) that have no uses. With a
+    worklist, the other users and the definitions of their operands are revisited: a value
+    that lost a use may now satisfy a `one_use` pattern."""
     stack = list(ops)
     while stack:
         op = stack.pop()
@@ -345,3 +348,6 @@ def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int]) -> None:
             graph.erase_op(op)
             alive.discard(id(op))
             stack.extend(v.op for v in op.operands if v.op is not None)
+            if worklist is not None:
+                worklist.extend(o for v in op.operands for o in (*graph.users(v), v.op)
+                                if o is not None and id(o) in alive)

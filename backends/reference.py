@@ -5,7 +5,7 @@ shapes against the signature (binding symbolic dims), and every result against i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -88,7 +88,7 @@ class ReferenceExecutable:
             self.params[v.name] = load_param(v, self.device)
         t = self.params[v.name]
         if self.check_types:
-            _check_tensor(v.type, t, {}, f"parameter {v.ref}")
+            _check_tensor(v.type, t, {}, lambda: f"parameter {v.ref}")
         return t
 
     def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -110,7 +110,7 @@ class ReferenceExecutable:
                 results = tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in results)
             for r, t in zip(op.results, results):
                 if self.check_types:
-                    _check_tensor(r.type, t, bindings, self._where(op))
+                    _check_tensor(r.type, t, bindings, lambda: self._where(op))
                 env[id(r)] = t
             for v in op.operands:
                 if self._last_use.get(id(v)) == i and id(v) not in self._outputs:
@@ -142,17 +142,17 @@ def _resolve(op: Op, keys: list[str], bindings: Mapping[str, int]) -> dict[str, 
     return attrs
 
 
-def _check_tensor(t: TensorType, x: Any, bindings: Mapping[str, int], where: str) -> None:
+def _check_tensor(t: TensorType, x: Any, bindings: Mapping[str, int], where: Callable[[], str]) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ExecutionError(f"{where}: the reference returned {type(x).__name__}, not a tensor")
+        raise ExecutionError(f"{where()}: the reference returned {type(x).__name__}, not a tensor")
     if x.dtype != t.dtype.torch:
-        raise ExecutionError(f"{where}: result is {x.dtype} but the IR says {t}")
+        raise ExecutionError(f"{where()}: result is {x.dtype} but the IR says {t}")
     try:
         shape = t.concrete(bindings)
     except KeyError:
         return  # a symbol no input binds (made inside the graph); nothing to compare against
     if tuple(x.shape) != shape:
-        raise ExecutionError(f"{where}: result has shape {tuple(x.shape)} but the IR says {t} = {shape}")
+        raise ExecutionError(f"{where()}: result has shape {tuple(x.shape)} but the IR says {t} = {shape}")
 
 
 def compile(graph: Graph, *, device: torch.device | str = "cpu", check_types: bool = True,

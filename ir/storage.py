@@ -52,23 +52,19 @@ class TensorStorage(Storage):
 
 @dataclass(eq=False)
 class SafetensorsStorage(Storage):
-    """One tensor of a safetensors file, memory-mapped on load; the header gives its type."""
+    """One tensor of a safetensors file, memory-mapped on load. Its type comes from the file's
+    header (read here unless the caller, who read the header once for all tensors, passes it)."""
 
     path: str
     key: str
-    type: TensorType = field(init=False)
+    type: TensorType = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as f:
-            if self.key not in f.keys():
+        if self.type is None:
+            header = safetensors_header(self.path)
+            if self.key not in header:
                 raise KeyError(f"{self.path} has no tensor named {self.key!r}")
-            sl = f.get_slice(self.key)
-            dtype = sl.get_dtype()
-            if dtype not in _SAFETENSORS_DTYPES:
-                raise TypeError(f"{self.path}:{self.key} has dtype {dtype}, which kiln cannot hold")
-            self.type = TensorType(_SAFETENSORS_DTYPES[dtype], tuple(sl.get_shape()))
+            self.type = header[self.key]
 
     def load(self) -> torch.Tensor:
         from safetensors import safe_open
@@ -78,6 +74,25 @@ class SafetensorsStorage(Storage):
 
     def describe(self) -> str:
         return f"safetensors {os.path.basename(self.path)}:{self.key}"
+
+
+def safetensors_header(path: str) -> dict[str, TensorType]:
+    """The type of every tensor in a safetensors file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            out = {}
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = sl.get_dtype()
+                if dtype not in _SAFETENSORS_DTYPES:
+                    raise TypeError(f"{path}:{key} has dtype {dtype}, which kiln cannot hold")
+                out[key] = TensorType(_SAFETENSORS_DTYPES[dtype], tuple(sl.get_shape()))
+            return out
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); is it truncated or "
+                         f"still downloading?") from None
 
 
 @dataclass(eq=False)

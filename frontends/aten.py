@@ -52,6 +52,7 @@ class AtenContext:
 
     b: Builder
     node: torch.fx.Node | None = None
+    strip: int = 1   # leading FQN components that name the tracing wrapper, not the model
 
     def constant(self, value: float | int | bool, dtype: DType) -> Value:
         return self.b.constant(value, dtype)
@@ -73,13 +74,13 @@ class AtenContext:
         return x if x.type.dtype is dtype else self.b.core.cast(x, dtype=dtype)
 
     def fail(self, message: str) -> ConversionError:
-        return ConversionError(f"{message} (at {describe_node(self.node)})")
+        return ConversionError(f"{message} (at {describe_node(self.node, self.strip)})")
 
 
-def describe_node(node: torch.fx.Node | None) -> str:
+def describe_node(node: torch.fx.Node | None, strip: int = 1) -> str:
     if node is None:
         return "an unknown node"
-    return f"{node.target} in {module_path(node) or 'the top-level forward'}"
+    return f"{node.target} in {module_path(node, strip) or 'the top-level forward'}"
 
 
 def module_path(node: torch.fx.Node, strip: int = 1) -> str | None:
@@ -102,7 +103,7 @@ def convert(ep: torch.export.ExportedProgram, *, inputs: Sequence[tuple[str, Ten
     `strip` components of their FQN removed) to storage."""
     graph = Graph(name)
     b = Builder(graph)
-    cx = AtenContext(b)
+    cx = AtenContext(b, strip=strip)
     env: dict[torch.fx.Node, Any] = {}
     sig = ep.graph_signature
     lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
@@ -111,6 +112,7 @@ def convert(ep: torch.export.ExportedProgram, *, inputs: Sequence[tuple[str, Ten
     if len(user) != len(inputs):
         raise ValueError(f"the program takes {len(user)} inputs, {len(inputs)} were described")
     symbols: dict[str, Dim] = {}
+    shared: dict[tuple[int, TensorType], Value] = {}
     for node, (input_name, t) in zip(user, inputs):
         val = node.meta["val"]
         for d, s in zip(t.shape, val.shape):
@@ -129,7 +131,11 @@ def convert(ep: torch.export.ExportedProgram, *, inputs: Sequence[tuple[str, Ten
         else:
             raise KeyError(f"no data for {key!r}: the checkpoint has no tensor of that name")
         want = TensorType(DType.from_torch(node.meta["val"].dtype), tuple(node.meta["val"].shape))
-        env[node] = b.param(key, want, storage if storage.type == want else _cast_storage(key, storage, want))
+        if (id(storage), want) in shared:  # tied weights: one parameter, used twice
+            env[node] = shared[id(storage), want]
+            continue
+        env[node] = shared[id(storage), want] = b.param(
+            key, want, storage if storage.type == want else _cast_storage(key, storage, want))
     for node in progress([n for n in ep.graph.nodes if n.op == "call_function"]):
         cx.node = node
         b.loc = module_path(node, strip)
@@ -160,7 +166,7 @@ def _convert_node(cx: AtenContext, node: torch.fx.Node, env: dict, symbols: dict
     fn = ATEN_OPS.get(key)
     if fn is None:
         raise UnsupportedOpError(
-            f"{key} (from {module_path(node) or 'the top-level forward'}) has no conversion to kiln's IR; "
+            f"{key} (from {module_path(node, cx.strip) or 'the top-level forward'}) has no conversion to kiln's IR; "
             f"add an entry to ATEN_OPS in kiln/frontends/aten.py (one @aten(\"{key}\") function), "
             f"declaring any missing op in kiln/ir/ops")
     args = torch.fx.node.map_aggregate(node.args, lambda a: _arg(a, env, symbols))
@@ -170,7 +176,7 @@ def _convert_node(cx: AtenContext, node: torch.fx.Node, env: dict, symbols: dict
     except (ConversionError, UnsupportedOpError):
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise ConversionError(f"cannot convert {describe_node(node)}: {e}") from e
+        raise ConversionError(f"cannot convert {describe_node(node, cx.strip)}: {e}") from e
 
 
 def _arg(a: Any, env: dict, symbols: dict[str, Dim]) -> Any:
@@ -419,6 +425,43 @@ def _select(cx, x, dim, index):
     d = dim % x.type.rank
     one = cx.b.core.slice(x, dim=d, start=index, end=None if index == -1 else index + 1 if index >= 0 else index + 1)
     return cx.b.core.reshape(one, shape=[s for i, s in enumerate(x.type.shape) if i != d])
+
+
+def _split_at(cx, x, sizes: Sequence[Dim], dim: int) -> list[Value]:
+    d, start, parts = dim % x.type.rank, 0, []
+    for size in sizes:
+        end = dim_add(start, size)
+        parts.append(cx.b.core.slice(x, dim=d, start=start, end=end))
+        start = end
+    return parts
+
+
+@aten("aten.split.Tensor", "aten.split_with_sizes.default")
+def _split(cx, x, size, dim=0):
+    if isinstance(size, (list, tuple)):
+        return _split_at(cx, x, size, dim)
+    total = x.type.shape[dim % x.type.rank]
+    if not isinstance(total, int) or not isinstance(size, int):
+        raise cx.fail(f"a split of symbolic dim {total} into pieces of {size}")
+    return _split_at(cx, x, [min(size, total - i) for i in range(0, total, size)], dim)
+
+
+@aten("aten.chunk.default")
+def _chunk(cx, x, chunks, dim=0):
+    total = x.type.shape[dim % x.type.rank]
+    if not isinstance(total, int):
+        raise cx.fail(f"chunks of symbolic dim {total}")
+    size = -(-total // chunks)
+    return _split(cx, x, size, dim)
+
+
+@aten("aten.layer_norm.default")
+def _layer_norm(cx, x, shape, weight=None, bias=None, eps=1e-5, *_):
+    if len(shape) != 1:
+        raise cx.fail(f"layer_norm over {len(shape)} dims (only the last dim is supported)")
+    if weight is None and bias is not None:
+        weight = cx.b.constant(1.0, x.type.dtype, (x.type.shape[-1],))
+    return cx.b.llm.layer_norm(x, *[p for p in (weight, bias) if p is not None], eps=eps)
 
 
 @aten("aten.cat.default")

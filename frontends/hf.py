@@ -232,20 +232,41 @@ def _export(wrapper: torch.nn.Module, module: torch.nn.Module, config: Any) -> t
 
 
 def _bind_tied(checkpoint: Checkpoint, module: torch.nn.Module, config: Any) -> dict[str, Storage]:
-    """Checkpoint tensors by parameter name, with tied parameters (lm_head <- embed_tokens)
-    pointing at the tensor the checkpoint does hold."""
-    weights = dict(checkpoint.tensors)
-    tied = getattr(module, "_tied_weights_keys", None)
-    pairs = dict(tied) if isinstance(tied, dict) else {}
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
-                                                                 "tie_word_embeddings", False):
+    """Checkpoint tensors by the module's parameter names: transformers' own renamings of
+    checkpoint keys applied (legacy names, base-model prefixes), and tied parameters
+    (lm_head <- embed_tokens) pointing at the tensor the checkpoint does hold."""
+    weights = _renamed(checkpoint, module)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False):
         out, inp = module.get_output_embeddings(), module.get_input_embeddings()
         if out is not None and inp is not None:
-            pairs.setdefault(_param_name(module, out.weight), _param_name(module, inp.weight))
-    for target, source in pairs.items():
-        if target not in weights and source in weights:
-            weights[target] = weights[source]
+            target, source = _param_name(module, out.weight), _param_name(module, inp.weight)
+            if target not in weights and source in weights:
+                weights[target] = weights[source]
     return weights
+
+
+def _renamed(checkpoint: Checkpoint, module: torch.nn.Module) -> dict[str, Storage]:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without checkpoint conversion mappings: names are as saved
+        return dict(checkpoint.tensors)
+    transforms = get_model_conversion_mapping(module) if hasattr(module, "config") else []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = dict.fromkeys(k for k, _ in module.named_parameters(remove_duplicate=False))
+    expected.update(dict.fromkeys(k for k, _ in module.named_buffers()))
+    prefix = getattr(module, "base_model_prefix", None) or None
+    out: dict[str, Storage] = {}
+    for key, storage in checkpoint.tensors.items():
+        name, converter = rename_source_key(key, renamings, converters, prefix, expected)
+        if converter is not None:
+            raise CheckpointError(f"{checkpoint.source}: tensor {key!r} must be merged or split by transformers' "
+                                  f"weight conversion ({converter}) before kiln can bind it; save the model with "
+                                  f"save_pretrained from this transformers version first")
+        out[name] = storage
+    return out
 
 
 def _param_name(module: torch.nn.Module, param: torch.nn.Parameter) -> str:

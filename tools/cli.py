@@ -26,7 +26,7 @@ from . import irdump
 
 def _run(args: argparse.Namespace) -> int:
     """Compile a graph with a pipeline and run it on the reference backend with random data."""
-    graph = irdump.load_graph(args.input)
+    graph = irdump.load_graph(args.input, args.dtype)
     original = graph.clone()
     dims = irdump.parse_dims(args.dim)
     symbols = sorted(set().union(*(v.type.symbols for v in graph.inputs)) - set(dims))
@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="compile a .ir graph and run it on the reference backend")
-    p.add_argument("input", metavar="INPUT", help="a .ir file")
+    p.add_argument("input", metavar="INPUT", help="a .ir file or a model (folder, .gguf, .onnx, smollm2)")
+    p.add_argument("--dtype", default="auto", help="float type of a model's graph: auto, f32, f16, bf16")
     p.add_argument("--pipeline", "-p", default="canonicalize,cse,dce", help="passes to run first ('' for none)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="value of a symbolic dim")
     p.add_argument("--default-dim", type=int, default=8, metavar="N", help="value of dims not given (default 8)")

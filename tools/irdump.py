@@ -29,7 +29,12 @@ class CommandError(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", nargs="?", help="a .ir file, or - for standard input")
+    p.add_argument("input", metavar="INPUT", nargs="?",
+                   help="a .ir file, - for standard input, or a model: a checkpoint folder, Meta folder, "
+                        ".gguf, .onnx, or a short name such as smollm2")
+    p.add_argument("--dtype", default="auto", help="float type of a model's graph: auto (its config's), f32, f16, bf16")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code to build its model (read it first)")
     p.add_argument("--pipeline", "-p", default="", metavar="P",
                    help='passes to run, e.g. "canonicalize,cse,dce" or "shard{tp=2}"')
     p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
@@ -60,8 +65,17 @@ def parse_dims(items: Sequence[str]) -> dict[str, int]:
     return dims
 
 
-def load_graph(path: str) -> Graph:
-    """Read a graph from a .ir file (models arrive with the frontends)."""
+def load_graph(path: str, dtype: str = "auto", trust_remote_code: bool = False) -> Graph:
+    """Read a .ir file, or trace / import a model with the frontends."""
+    if path != "-" and not path.endswith(".ir"):
+        from ..frontends import load
+        from ..frontends.hf import ModelLoadError
+        from ..frontends.weights import CheckpointError
+
+        try:
+            return load(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        except (ModelLoadError, CheckpointError, FileNotFoundError, ValueError) as e:
+            raise CommandError(str(e)) from None
     if path == "-":
         text, source = sys.stdin.read(), "<stdin>"
     else:
@@ -92,7 +106,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.input is None:
         raise CommandError("INPUT is required (a .ir file, or - for standard input)")
     dims = parse_dims(args.dim)
-    graph = load_graph(args.input)
+    graph = load_graph(args.input, args.dtype, args.trust_remote_code)
     instrumented = any([args.print_after_all, args.print_before_all, args.print_after, args.print_before, args.diff])
     if args.pipeline:
         pm = PassManager(args.pipeline, verify_each=not args.no_verify,

@@ -74,6 +74,22 @@ def rms_norm(x, weight, *, eps: float = 1e-6):
     return weight * normed
 
 
+def _layer_norm(x: TensorType, weight: TensorType | None = None, bias: TensorType | None = None, *,
+                eps: float) -> TensorType:
+    if not x.dtype.is_float:
+        raise OpError(f"x must be a float tensor, got {x}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (x.shape[-1],) or p.dtype is not x.dtype):
+            raise OpError(f"{name} {p} must be {x.dtype}[{x.shape[-1]}] for x {x}")
+    return x
+
+
+@op("llm.layer_norm", infer=_layer_norm)
+def layer_norm(x, weight=None, bias=None, *, eps: float = 1e-5):
+    """LayerNorm over the last dim (GPT-NeoX, OLMo, StableLM), as torch computes it."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
 def _rope(x: TensorType, positions: TensorType, inv_freq: TensorType, *, rotary_dim: int | None,
           interleaved: bool, scale: float) -> TensorType:
     if x.rank < 2 or tuple(x.shape[:-2]) != tuple(positions.shape):

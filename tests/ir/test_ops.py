@@ -49,6 +49,7 @@ CASES = {
     "llm.embedding": ([f32[16, 8], i32["T"]], {}),
     "llm.linear": ([f32["T", 8], f32[4, 8], f32[4]], {}),
     "llm.rms_norm": ([bf16["T", 8], bf16[8]], {"eps": 1e-5}),
+    "llm.layer_norm": ([f32["T", 8], f32[8], f32[8]], {"eps": 1e-5}),
     "llm.rope": ([f32["T", 2, 8], i64["T"], f32[4]], {}),
     "llm.silu_mul": ([f32["T", 8], f32["T", 8]], {}),
     "quant.quantize": ([f32["T", 8], f32[8], i8[8]], {"dtype": DType.i8, "axis": 1}),

@@ -54,6 +54,37 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    """Greedy text generation by re-running the compiled stateless forward over the whole
+    sequence each step: no KV cache yet (the serving runtime replaces this)."""
+    from ..frontends import load, resolve
+    from ..frontends.hf import tokenizer_for
+
+    path = resolve(args.model)
+    tokenizer = tokenizer_for(path)
+    graph = load(path, dtype=args.dtype)
+    run_pipeline(graph, args.pipeline)
+    exe = reference.compile(graph, device=args.device)
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    ids = list(ids)
+    start, new = time.perf_counter(), []
+    for _ in range(args.max_new_tokens):
+        tokens = torch.tensor(ids + new, dtype=torch.int32)
+        logits = exe(tokens, torch.arange(len(tokens), dtype=torch.int32))[0]
+        nxt = int(logits[-1].argmax())
+        if nxt == tokenizer.eos_token_id:
+            break
+        new.append(nxt)
+        print(tokenizer.decode(new[-1:]), end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n// {len(new)} tokens in {elapsed:.1f} s on the reference backend ({args.device}), no KV cache")
+    return 0
+
+
 def _ops(args: argparse.Namespace) -> int:
     for name, opdef in registered_ops().items():
         if args.filter and args.filter not in name:
@@ -87,6 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--check", action="store_true", help="compare with the uncompiled graph on random data")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("generate", help="greedy text from a model (reference backend, no KV cache yet)")
+    p.add_argument("model", nargs="?", default="smollm2", help="a model folder, .gguf, Meta folder or short name")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--pipeline", "-p", default="canonicalize,cse,dce")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(fn=_generate)
     p = sub.add_parser("irdump", help="print, diff, draw and count the IR around passes (see irdump --help)")
     irdump.add_arguments(p)
     p.set_defaults(fn=lambda a: irdump.run(a))

@@ -135,3 +135,21 @@ def test_kiln_ops_lists_schemas(capsys):
     out = capsys.readouterr().out
     assert "llm.attention(q, k, v, mask?) {causal: bool = False, scale: float | None = None}" in out
     assert "core.add" not in out
+
+
+def test_irdump_traces_a_model_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    out = run_irdump(capsys, str(tmp_path), "--dtype", "bf16", "-p", "canonicalize,cse,dce", "--stats",
+                     "--dim", "T=16")
+    assert "// stats at T=16" in out and "llm.attention                 1" in out
+    text = run_irdump(capsys, str(tmp_path), "--dtype", "bf16")
+    assert "func @main(%tokens: i32[T], %positions: i32[T]) -> (bf16[T,64])" in text
+    with pytest.raises(SystemExit) as exit:
+        irdump.main([str(tmp_path / "missing")])
+    assert exit.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -91,8 +91,9 @@ class ReferenceExecutable:
             _check_tensor(v.type, t, {}, lambda: f"parameter {v.ref}")
         return t
 
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        bindings = bind_symbols(self.graph, inputs)
+    def __call__(self, *inputs: torch.Tensor, symbols: Mapping[str, int] | None = None) -> list[torch.Tensor]:
+        """Run on `inputs`; `symbols` gives dims no input carries (a graph with no inputs)."""
+        bindings = {**(symbols or {}), **bind_symbols(self.graph, inputs)}
         env: dict[int, torch.Tensor] = {id(v): t.to(self.device) for v, t in zip(self.graph.inputs, inputs)}
         for i, op in enumerate(self.graph.ops):
             args = [env[id(v)] if id(v) in env else self._param(v) if v.is_param else _undefined(op, v)

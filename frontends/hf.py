@@ -144,8 +144,8 @@ def _auto_model(config: Any, dtype: torch.dtype, attn_implementation: str | None
 
 class _Forward(torch.nn.Module):
     """The traced function: one sequence of T tokens at explicit positions to its logits. The
-    causal (and sliding-window) mask is built here, from positions, in one plain form, instead of
-    transformers' mask utilities, which trace into index soup."""
+    causal (and sliding-window) mask is built here, over token indices, in one plain form,
+    instead of by transformers' mask utilities, which trace into index soup."""
 
     def __init__(self, model: torch.nn.Module, additive_mask: bool, window: int | None):
         super().__init__()
@@ -154,9 +154,10 @@ class _Forward(torch.nn.Module):
         self.window = window
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        keep = positions[None, :] <= positions[:, None]
+        i = torch.arange(tokens.shape[0], device=tokens.device)
+        keep = i[None, :] <= i[:, None]
         if self.window:
-            keep = keep & (positions[:, None] - positions[None, :] < self.window)
+            keep = keep & (i[:, None] - i[None, :] < self.window)
         mask = keep[None, None]
         if self.additive_mask:
             dtype = self.hf.dtype

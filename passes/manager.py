@@ -13,6 +13,7 @@ folder, unified diffs, timings, and verification after each pass.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import inspect
 import os
@@ -71,6 +72,17 @@ def registered_passes() -> dict[str, PassInfo]:
 
 def _ensure_passes_loaded() -> None:
     from . import canonicalize, cleanup, fold  # noqa: F401  (registers the built-in passes)
+
+
+_REMARKS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("kiln_pass_remarks", default=None)
+
+
+def remark(message: str) -> None:
+    """Say why a rewrite did not apply ("attention at %57 keeps its mask: not causal"). The pass
+    manager shows remarks with a pass that changed nothing under print_changed / diffs."""
+    sink = _REMARKS.get()
+    if sink is not None and message not in sink:
+        sink.append(message)
 
 
 class PipelineError(ValueError):
@@ -163,6 +175,7 @@ class PassRecord:
     changes: int
     seconds: float
     changed: bool
+    remarks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -217,6 +230,8 @@ class PassManager:
                 if not self.print_changed:
                     self._emit(f"Before {spec}", text)
             start = time.perf_counter()
+            remarks: list[str] = []
+            token = _REMARKS.set(remarks)
             try:
                 changes = passes[spec.name].fn(graph, **dict(spec.options))
                 if self.verify_each:
@@ -226,17 +241,23 @@ class PassManager:
                     self._emit(f"After {spec} Failed", print_graph(graph, locs=self.locs))
                 what = "left a malformed graph" if isinstance(e, VerificationError) else f"failed: {type(e).__name__}"
                 raise PassError(f"pass {i} of the pipeline, {spec}, {what}: {e}") from e
+            finally:
+                _REMARKS.reset(token)
             seconds = time.perf_counter() - start
             new_text = print_graph(graph, locs=self.locs) if text is not None else None
             changed = new_text != text if text is not None else bool(changes)
-            self.records.append(PassRecord(spec, int(changes or 0), seconds, changed))
+            self.records.append(PassRecord(spec, int(changes or 0), seconds, changed, remarks))
+            why = "".join(f"\n//   {r}" for r in remarks)
             if self.print_changed and changed and (self.print_before_all or spec.name in self.print_before):
                 self._emit(f"Before {spec}", text)
-            if (self.print_after_all or spec.name in self.print_after) and (changed or not self.print_changed):
-                self._emit(f"After {spec} ({changes} changes)", new_text)
+            if self.print_after_all or spec.name in self.print_after:
+                if changed or not self.print_changed:
+                    self._emit(f"After {spec} ({changes} changes)", new_text)
+                else:
+                    self._out.write(f"// {spec}: no change{why}\n")
             if self.print_diff:
                 self._out.write(unified_diff(text, new_text, f"before {spec}", f"after {spec}")
-                                or f"// {spec}: no change\n")
+                                or f"// {spec}: no change{why}\n")
             if self.dump_dir is not None:
                 self._dump(i, spec.name, new_text)
             text = new_text

@@ -124,8 +124,10 @@ def rope(x, positions, inv_freq, *, rotary_dim: int | None = None, interleaved: 
 
 
 def _attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType | None = None, *,
-               causal: bool, scale: float | None) -> TensorType:
+               causal: bool, scale: float | None, window: int | None) -> TensorType:
     same_dtype(q, k, v)
+    if window is not None and (not causal or window < 1):
+        raise OpError(f"window={window} needs causal=true and a positive size")
     if not (q.rank == k.rank == v.rank == 4):
         raise OpError(f"q, k, v must be [batch, heads, seq, head_dim], got {q}, {k}, {v}")
     if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
@@ -151,11 +153,12 @@ def _attention_cost(operands: Sequence[TensorType], results: Sequence[TensorType
 
 
 @op("llm.attention", infer=_attention, cost=_attention_cost)
-def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None):
+def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None = None, window: int | None = None):
     """Scaled dot-product attention with grouped KV heads (q heads a multiple of kv heads).
     Causal masking is aligned to the bottom right: query i of S sees keys up to i + Skv - S,
-    which is what decoding after a prefix needs. A bool mask keeps True positions; a float mask
-    is added to the scores. Scores and softmax are computed in f32."""
+    which is what decoding after a prefix needs; with a sliding `window`, only the last `window`
+    of those. A bool mask keeps True positions; a float mask is added to the scores. Scores and
+    softmax are computed in f32."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
@@ -163,6 +166,8 @@ def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None =
     s, skv = q.shape[2], k.shape[2]
     if causal:
         keep = torch.ones(s, skv, dtype=torch.bool, device=q.device).tril(skv - s)
+        if window is not None:
+            keep &= ~torch.ones(s, skv, dtype=torch.bool, device=q.device).tril(skv - s - window)
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from kiln.ir import TensorType, parse, print_graph
-from kiln.passes.manager import (_PASSES, PassError, PassManager, PassSpec, PipelineError, parse_pipeline,
+from kiln.passes.manager import (_PASSES, PassError, remark, PassManager, PassSpec, PipelineError, parse_pipeline,
                                  register_pass, registered_passes, run_pipeline)
 
 SEEN_OPTIONS = []
@@ -153,7 +153,22 @@ def test_print_around_a_named_pass():
 def test_print_changed_shows_only_passes_that_changed_the_ir():
     _, out = run("test-noop,canonicalize,test-options,cse", print_before_all=True, print_after_all=True,
                  print_changed=True)
-    assert out == dump("Before canonicalize", GRAPH) + dump("After canonicalize (1 changes)", CANONICAL)
+    assert out == ("// test-noop: no change\n" + dump("Before canonicalize", GRAPH)
+                   + dump("After canonicalize (1 changes)", CANONICAL)
+                   + "// test-options: no change\n// cse: no change\n")
+
+
+def test_remarks_say_why_a_pass_changed_nothing():
+    @register_pass("test-declines")
+    def declines(graph):
+        remark("core.exp at %2 stays: nothing to fuse it with")
+        return 0
+
+    try:
+        _, out = run("test-declines", print_after_all=True, print_changed=True)
+        assert out == "// test-declines: no change\n//   core.exp at %2 stays: nothing to fuse it with\n"
+    finally:
+        _PASSES.pop("test-declines")
 
 
 def test_print_after_failure_and_the_error_names_the_pass():

@@ -133,7 +133,8 @@ def test_kiln_run_checks_the_compiled_graph(capsys):
 def test_kiln_ops_lists_schemas(capsys):
     assert cli.main(["ops", "llm."]) == 0
     out = capsys.readouterr().out
-    assert "llm.attention(q, k, v, mask?) {causal: bool = False, scale: float | None = None}" in out
+    assert ("llm.attention(q, k, v, mask?) {causal: bool = False, scale: float | None = None, "
+            "window: int | None = None}") in out
     assert "core.add" not in out
 
 

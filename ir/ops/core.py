@@ -322,3 +322,83 @@ def log_softmax(x, *, dim: int):
 
 
 del _name, _fn, _traits
+
+
+# --- ops first needed by the ONNX frontend ---------------------------------------------------
+
+@op("core.dims", infer=lambda *, dims, dtype: TensorType(dtype, (len(dims),)), cost=_free)
+def dims_(*, dims: Shape, dtype: DType = DType.i64):
+    """(Symbolic) dims as a 1-D tensor, for shape arithmetic that reaches data (ONNX Shape -> Mul -> Range)."""
+    return torch.tensor(dims, dtype=dtype.torch)
+
+
+@op("core.isnan", infer=lambda x: _float_only(x).with_dtype(DType.bool), traits=EW)
+def isnan(x):
+    """NaN test: the guard exporters put after a softmax over fully masked rows."""
+    return torch.isnan(x)
+
+
+def _matrix(x: TensorType, *, k: int) -> TensorType:
+    if x.rank < 2:
+        raise OpError(f"operand must have rank >= 2, got {x}")
+    return x
+
+
+@op("core.tril", infer=_matrix)
+def tril(x, *, k: int = 0):
+    """Zero (False) above diagonal k of the last two dims: causal masks built from ones."""
+    return torch.tril(x, k)
+
+
+@op("core.triu", infer=_matrix)
+def triu(x, *, k: int = 0):
+    """Zero (False) below diagonal k of the last two dims."""
+    return torch.triu(x, k)
+
+
+def _cumsum(x: TensorType, *, dim: int) -> TensorType:
+    normalize_axis(dim, x.rank)
+    if x.dtype is DType.bool:
+        raise OpError(f"operand must be numeric, got {x} (cast it first)")
+    return x
+
+
+@op("core.cumsum", infer=_cumsum)
+def cumsum(x, *, dim: int):
+    """Running sum along one axis (sequence ids of packed inputs, positions from a mask)."""
+    return torch.cumsum(x, dim).to(x.dtype)
+
+
+def _wrap(indices, sizes):
+    """Negative indices count from the end, as in ONNX."""
+    return torch.where(indices < 0, indices + sizes, indices)
+
+
+def _gather_elements(x: TensorType, indices: TensorType, *, dim: int) -> TensorType:
+    if indices.dtype not in (DType.i64, DType.i32) or indices.rank != x.rank:
+        raise OpError(f"indices must be i64 or i32 of the rank of {x}, got {indices}")
+    normalize_axis(dim, x.rank)
+    return x.with_shape(indices.shape)
+
+
+@op("core.gather_elements", infer=_gather_elements)
+def gather_elements(x, indices, *, dim: int):
+    """out[i][j] = x[indices[i][j]][j] along `dim` (torch.gather, ONNX GatherElements)."""
+    return torch.gather(x, dim, _wrap(indices.long(), x.shape[dim]))
+
+
+def _gather_nd(x: TensorType, indices: TensorType) -> TensorType:
+    if indices.dtype not in (DType.i64, DType.i32) or indices.rank < 1:
+        raise OpError(f"indices must be i64 or i32 of rank >= 1, got {indices}")
+    k = indices.shape[-1]
+    if not isinstance(k, int) or not 1 <= k <= x.rank:
+        raise OpError(f"the last dim of indices {indices} must be a constant in 1..{x.rank}")
+    return x.with_shape((*indices.shape[:-1], *x.shape[k:]))
+
+
+@op("core.gather_nd", infer=_gather_nd)
+def gather_nd(x, indices):
+    """x[indices[..., 0], ..., indices[..., k-1]] (ONNX GatherND, batch_dims=0): padding masks."""
+    k = indices.shape[-1]
+    idx = _wrap(indices.long(), torch.tensor(x.shape[:k], device=indices.device))
+    return x[tuple(idx.unbind(-1))]

@@ -54,6 +54,14 @@ CASES = {
     "llm.silu_mul": ([f32["T", 8], f32["T", 8]], {}),
     "quant.quantize": ([f32["T", 8], f32[8], i8[8]], {"dtype": DType.i8, "axis": 1}),
     "quant.dequantize": ([i8["T", 8], f32[8]], {"axis": -1}),
+    # ops first needed by the ONNX frontend
+    "core.dims": ([], {"dims": (3, 4, 9), "dtype": DType.i32}),
+    "core.isnan": ([f32["T", 4]], {}),
+    "core.tril": ([f32["T", 6]], {"k": 1}),
+    "core.triu": ([boolean[2, 4, "T"]], {"k": -1}),
+    "core.cumsum": ([f32["T", 4]], {"dim": 0}),
+    "core.gather_elements": ([f32["T", 16], i64["T", 3]], {"dim": 1}),
+    "core.gather_nd": ([f32[16, 16, 3], i64["T", 2]], {}),
 }
 
 

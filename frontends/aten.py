@@ -55,7 +55,7 @@ class AtenContext:
     strip: int = 1   # leading FQN components that name the tracing wrapper, not the model
 
     def constant(self, value: float | int | bool, dtype: DType) -> Value:
-        return self.b.constant(value, dtype)
+        return self.b.constant(float(value) if dtype.is_float else value, dtype)
 
     def promote(self, *xs: Value | float | int | bool, float_result: bool = False) -> list[Value]:
         """torch's type promotion of tensors and Python scalars, as explicit casts and constants."""

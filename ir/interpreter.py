@@ -1,6 +1,7 @@
-"""The reference backend: runs any graph with the registry's torch implementations, on CPU or
-GPU. It is the numerics oracle of every test, so it checks as it goes: input dtypes and
-shapes against the signature (binding symbolic dims), and every result against its type."""
+"""The IR's interpreter: runs any graph with the registry's torch reference implementations, on
+CPU or GPU. It is the numerics oracle of every test and the reference backend, and passes use
+it to evaluate what a subgraph computes. It checks as it goes: input dtypes and shapes against
+the signature (binding symbolic dims), and every result against its type."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..ir.graph import Graph, Op, Value
-from ..ir.ops.quant import unpack_i4
-from ..ir.printer import format_op, op_line_numbers
-from ..ir.types import DType, TensorType, eval_dim
+from .graph import Graph, Op, Value
+from .ops.quant import unpack_i4
+from .printer import format_op, op_line_numbers
+from .types import DType, TensorType, eval_dim
 
 
 class ExecutionError(RuntimeError):

@@ -48,6 +48,21 @@ IDENTITIES = RuleSet(
 )
 
 
+def _slice_to_end(m: Match) -> bool:
+    op = m.root.op
+    end, size = op.attrs["end"], m.x.type.shape[op.attrs["dim"] % m.x.type.rank]
+    return end is not None and (end == size or isinstance(end, int) and isinstance(size, int) and end >= size
+                                or isinstance(end, int) and end >= 2**31)
+
+
+def _open_slice(m: Match, b: Builder) -> Value:
+    return b.core.slice(m.x, **{**m.root.op.attrs, "end": None})
+
+
+def _explicit_reshape(m: Match, b: Builder) -> Value:
+    return b.core.reshape(m.x, shape=m.root.type.shape)
+
+
 def _false_select(m: Match, b: Builder) -> Value:
     return m.y
 
@@ -94,6 +109,9 @@ def _slice_slice(m: Match, b: Builder) -> Value:
 
 
 STRUCTURE = RuleSet(
+    Rule("slice-open-end", P("core.slice", x), _open_slice, where=_slice_to_end),
+    Rule("reshape-explicit", P("core.reshape", x), _explicit_reshape,
+         where=lambda m: -1 in m.root.op.attrs["shape"]),
     Rule("reshape-reshape", P("core.reshape", P("core.reshape", x)), _reshape_reshape),
     Rule("permute-permute", P("core.permute", P("core.permute", x, attrs={"dims": Attr("inner")}),
                               attrs={"dims": Attr("outer")}), _permute_permute),

@@ -71,7 +71,7 @@ def registered_passes() -> dict[str, PassInfo]:
 
 
 def _ensure_passes_loaded() -> None:
-    from . import canonicalize, cleanup, fold  # noqa: F401  (registers the built-in passes)
+    from . import attention, canonicalize, cleanup, fold, fusions  # noqa: F401  (registers the built-in passes)
 
 
 _REMARKS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("kiln_pass_remarks", default=None)

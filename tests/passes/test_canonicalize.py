@@ -4,6 +4,30 @@ each also checked numerically on random inputs."""
 import pytest
 
 CASES = {
+    "slice-open-end": ("""
+        func @main(%x: f32[T,8]) -> (f32[T,6], f32[T,6]) {
+          %0 = core.slice(%x) {dim=1, start=2, end=8} : f32[T,6]
+          %1 = core.slice(%x) {dim=1, start=2, end=9223372036854775807} : f32[T,6]
+          return %0, %1
+        }
+        """, """
+        func @main(%x: f32[T,8]) -> (f32[T,6], f32[T,6]) {
+          %2 = core.slice(%x) {dim=1, start=2} : f32[T,6]
+          %3 = core.slice(%x) {dim=1, start=2} : f32[T,6]
+          return %2, %3
+        }
+        """),
+    "reshape-explicit": ("""
+        func @main(%x: f32[T,8]) -> (f32[T,2,4]) {
+          %0 = core.reshape(%x) {shape=[T,-1,4]} : f32[T,2,4]
+          return %0
+        }
+        """, """
+        func @main(%x: f32[T,8]) -> (f32[T,2,4]) {
+          %1 = core.reshape(%x) {shape=[T,2,4]} : f32[T,2,4]
+          return %1
+        }
+        """),
     # -- identities ---------------------------------------------------------------------------
     "add-zero": ("""
         func @main(%x: f32[T,4]) -> (f32[T,4], f32[T,4]) {
@@ -250,8 +274,8 @@ CASES = {
         }
         """, """
         func @main(%x: f32[T,8]) -> (f32[2*T,4], f32[T,8]) {
-          %3 = core.reshape(%x) {shape=[2*T,4]} : f32[2*T,4]
-          return %3, %x
+          %5 = core.reshape(%x) {shape=[2*T,4]} : f32[2*T,4]
+          return %5, %x
         }
         """),
     "permute-permute": ("""
@@ -317,8 +341,8 @@ CASES = {
         }
         """, """
         func @main(%x: f32[T]) -> (f32[T-3]) {
-          %2 = core.slice(%x) {dim=0, start=3, end=T} : f32[T-3]
-          return %2
+          %3 = core.slice(%x) {dim=0, start=3} : f32[T-3]
+          return %3
         }
         """),
     "slice-slice-negative-end-stays": ("""

@@ -1,0 +1,168 @@
+"""Fusions of the token-wise pieces of a decoder layer into the ops kernels implement:
+
+- `fuse-rms-norm`: x * rsqrt(mean(x^2) + eps) * w (in f32 and cast back, or all in one dtype)
+  -> `llm.rms_norm(x, w)`.
+- `fuse-rope`: the rotate-half spelling, q*cos + rotate_half(q)*sin with cos/sin computed from
+  the positions and the model's inverse frequencies -> `llm.rope(q, positions, inv_freq)`.
+- `fuse-silu-mul`: silu(gate) * up -> `llm.silu_mul(gate, up)`.
+- `merge-linears`: linears that read the same input (q/k/v, gate/up) -> one linear over the
+  concatenated weights (and biases), whose output is sliced; canonicalize then folds the
+  concatenation into one lazily computed parameter.
+"""
+
+from __future__ import annotations
+
+from ..ir.builder import Builder
+from ..ir.graph import Graph, Op, Value
+from ..ir.types import DType, dim_add
+from .manager import register_pass, remark
+from .pattern import Const, Match, OneOf, P, Rule, RuleSet, Var, apply_greedily
+
+# --- rms_norm -------------------------------------------------------------------------------------
+
+_xf = Var("xf")
+_square = OneOf(P("core.pow", _xf, Const(2)), P("core.mul", _xf, _xf))
+_normed = P("core.mul", _xf, P("core.rsqrt", P("core.add", P("core.mean", _square, name="mean"), Const(name="eps"))),
+            name="normed")
+_RMS_NORM = P("core.mul", Var("w"), OneOf(P("core.cast", _normed, name="back"), _normed))
+
+
+def _rms_input(m: Match) -> Value:
+    xf = m.xf
+    return xf.op.operands[0] if "back" in m and xf.op is not None and xf.op.name == "core.cast" else xf
+
+
+def _is_rms_norm(m: Match) -> bool:
+    x, xf, w, mean = _rms_input(m), m.xf, m.w, m.op("mean")
+    last = xf.type.rank - 1
+    if list(mean.attrs["dims"]) not in ([-1], [last]) or not mean.attrs["keepdim"]:
+        return False
+    if w.type.shape != (x.type.shape[-1],) or w.type.dtype is not x.type.dtype or m.root.type != x.type:
+        return False
+    if "back" in m:  # normalised in f32, cast back to x's dtype, then scaled: exactly llm.rms_norm
+        return xf.type.dtype is DType.f32 and m.back.type.dtype is x.type.dtype and xf is not x
+    return xf.type.dtype is x.type.dtype
+
+
+def _rms_norm(m: Match, b: Builder) -> Value:
+    return b.llm.rms_norm(_rms_input(m), m.w, eps=float(m.eps.op.attrs["value"]))
+
+
+# --- rope -----------------------------------------------------------------------------------------
+
+_emb = P("core.concat", Var("freqs"), Var("freqs"), name="emb")
+_freqs = P("core.mul", P("core.cast", P("core.reshape", Var("positions"), name="pos3")), Var("inv_freq"))
+
+
+def _trig(fn: str, name: str) -> P:
+    wave = P(fn, _emb)
+    scaled = OneOf(P("core.mul", wave, Const(name=name + "_scale")), wave)
+    return P("core.reshape", OneOf(P("core.cast", scaled), scaled), name=name)
+
+
+_rot = P("core.concat", P("core.neg", P("core.slice", Var("x"), name="upper")), P("core.slice", Var("x"), name="lower"),
+         name="rot")
+_ROPE = P("core.add", P("core.mul", Var("x"), _trig("core.cos", "cos")), P("core.mul", _rot, _trig("core.sin", "sin")))
+
+
+def _rope_sources(m: Match) -> tuple[Value, Value, float] | None:
+    """(positions [T], inv_freq [D/2], scale) if the frequencies are positions * inv_freq."""
+    found = next(iter(_freqs.match(m.graph, m.freqs, {})), None)
+    if found is None:
+        return None
+    positions, inv_freq = found["positions"], found["inv_freq"]
+    scales = {float(m[k].op.attrs["value"]) if k in m else 1.0 for k in ("cos_scale", "sin_scale")}
+    if positions.type.rank != 1 or positions.type.dtype not in (DType.i32, DType.i64) or len(scales) != 1:
+        return None
+    if inv_freq.type.shape != (m.x.type.shape[3] // 2,):
+        return None
+    return positions, inv_freq, scales.pop()
+
+
+def _rope(m: Match, b: Builder) -> Value:
+    positions, inv_freq, scale = _rope_sources(m)
+    tokens = m.x.type.shape[2]
+    x = b.core.permute(m.x, dims=[0, 2, 1, 3])                        # [1, T, H, D]
+    pos = b.core.reshape(positions, shape=[1, tokens])
+    out = b.llm.rope(x, pos, b.core.cast(inv_freq, dtype=DType.f32) if inv_freq.type.dtype is not DType.f32 else inv_freq,
+                     scale=scale)
+    return b.core.permute(out, dims=[0, 2, 1, 3])
+
+
+# --- silu_mul -------------------------------------------------------------------------------------
+
+_SILU_MUL = P("core.mul", P("core.silu", Var("gate")), Var("up"))
+
+
+NORM_RULES = RuleSet(Rule("rms-norm", _RMS_NORM, _rms_norm, where=_is_rms_norm))
+ROPE_RULES = RuleSet(Rule("rope-rotate-half", _ROPE, _rope, where=lambda m: _rope_ok(m)))
+ACTIVATION_RULES = RuleSet(Rule("silu-mul", _SILU_MUL, lambda m, b: b.llm.silu_mul(m.gate, m.up),
+                                where=lambda m: m.gate.type == m.up.type == m.root.type))
+
+
+def _rope_ok(m: Match) -> bool:
+    """Half-split rotation of [1, H, T, D] heads with cos/sin broadcast over the heads."""
+    x = m.x.type
+    if x.rank != 4 or x.shape[0] != 1 or m.root.type != x or not isinstance(x.shape[3], int):
+        return False
+    _, _, tokens, dim = x.shape
+    upper, lower, rot, emb = m.op("upper").attrs, m.op("lower").attrs, m.op("rot").attrs, m.op("emb").attrs
+    return (upper["dim"] == 3 and upper["start"] == dim // 2 and upper["end"] is None and upper["step"] == 1
+            and lower["dim"] == 3 and lower["start"] == 0 and lower["end"] == dim // 2 and lower["step"] == 1
+            and rot["dim"] == 3 and emb["dim"] == 2 and m.cos.type.shape == (1, 1, tokens, dim)
+            and m.sin.type.shape == m.cos.type.shape and _rope_sources(m) is not None)
+
+
+@register_pass("fuse-rms-norm")
+def fuse_rms_norm(graph: Graph) -> int:
+    """x * rsqrt(mean(x^2) + eps) * w -> llm.rms_norm."""
+    return apply_greedily(graph, NORM_RULES)
+
+
+@register_pass("fuse-rope")
+def fuse_rope(graph: Graph) -> int:
+    """q*cos + rotate_half(q)*sin at explicit positions -> llm.rope."""
+    return apply_greedily(graph, ROPE_RULES)
+
+
+@register_pass("fuse-silu-mul")
+def fuse_silu_mul(graph: Graph) -> int:
+    """silu(gate) * up -> llm.silu_mul."""
+    return apply_greedily(graph, ACTIVATION_RULES)
+
+
+# --- merging linears that share an input ------------------------------------------------------------
+
+@register_pass("merge-linears")
+def merge_linears(graph: Graph, *, min_group: int = 2) -> int:
+    """Linears reading one input (q/k/v, gate/up) -> one linear over concatenated weights."""
+    merged = 0
+    for x in list(graph.values()):
+        users = [op for op in dict.fromkeys(graph.users(x)) if op.name == "llm.linear" and op.operands[0] is x]
+        if len(users) < min_group:
+            continue
+        group = [op for op in users if op.operands[1].is_param]
+        if len({len(op.operands) for op in group}) > 1:
+            remark(f"linears reading {x.ref} are not merged: some have a bias and some do not")
+            continue
+        if len(group) < min_group or len({op.operands[1].type.dtype for op in group}) > 1:
+            continue
+        _merge(graph, x, group)
+        merged += 1
+    return merged
+
+
+def _merge(graph: Graph, x: Value, group: list[Op]) -> None:
+    first = min(group, key=graph.index)  # x and the weights are defined before it; every user comes after
+    b = Builder(graph, before=first, loc=first.loc)
+    weight = b.core.concat(*(op.operands[1] for op in group), dim=0)
+    bias = [b.core.concat(*(op.operands[2] for op in group), dim=0)] if len(group[0].operands) == 3 else []
+    out = b.llm.linear(x, weight, *bias)
+    start, parts = 0, []
+    for op in group:
+        end = dim_add(start, op.operands[1].type.shape[0])
+        parts.append(b.core.slice(out, dim=out.type.rank - 1, start=start, end=end))
+        start = end
+    for op, part in zip(group, parts):
+        graph.replace_all_uses(op.results[0], part)
+        graph.erase_op(op)

@@ -71,7 +71,7 @@ def registered_passes() -> dict[str, PassInfo]:
 
 
 def _ensure_passes_loaded() -> None:
-    from . import attention, canonicalize, cleanup, fold, fusions  # noqa: F401  (registers the built-in passes)
+    from . import attention, canonicalize, cleanup, fold, fusions, kv_cache  # noqa: F401  (registers the built-in passes)
 
 
 _REMARKS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("kiln_pass_remarks", default=None)
@@ -108,15 +108,24 @@ def _format_option(v: Any) -> str:
 
 def parse_pipeline(text: str) -> list[PassSpec]:
     """Parse "a,b{k=v,k2=v2},c" into pass specs, checking names and options against the registry."""
+    from .pipelines import PIPELINES
+
     passes = registered_passes()
     specs = []
     for item in _split_top_level(text):
+        if item.strip() in PIPELINES:
+            specs.extend(parse_pipeline(PIPELINES[item.strip()]))
+            continue
         m = re.fullmatch(r"\s*([A-Za-z0-9_-]+)\s*(?:\{(.*)\})?\s*", item, re.S)
         if not m:
             raise PipelineError(f"malformed pipeline element {item!r}: write name or name{{key=value,...}}")
         name, body = m.group(1), m.group(2)
+        if name in PIPELINES:
+            raise PipelineError(f"pipeline {name!r} takes no options; write its passes out to change them: "
+                                f"{PIPELINES[name]}")
         if name not in passes:
-            raise PipelineError(f"unknown pass {name!r}; known passes: {', '.join(passes)}")
+            raise PipelineError(f"unknown pass {name!r}; known passes: {', '.join(passes)}; "
+                                f"named pipelines: {', '.join(PIPELINES)}")
         info = passes[name]
         options: dict[str, Any] = {}
         for pair in (p for p in (body or "").split(",") if p.strip()):

@@ -187,3 +187,54 @@ def _silu_mul(gate: TensorType, up: TensorType) -> TensorType:
 def silu_mul(gate, up):
     """silu(gate) * up: the SwiGLU activation of Llama-style MLPs."""
     return F.silu(gate) * up
+
+
+def _paged_attention(q: TensorType, k: TensorType, v: TensorType, k_cache: TensorType, v_cache: TensorType,
+                     slot_mapping: TensorType, block_tables: TensorType, context_lens: TensorType,
+                     query_start: TensorType, *, scale: float | None, window: int | None) -> TensorType:
+    if not (q.rank == k.rank == v.rank == 3) or q.shape[0] != k.shape[0] or k.shape != v.shape:
+        raise OpError(f"q, k, v must be [tokens, heads, head_dim] with one token count, got {q}, {k}, {v}")
+    if k_cache.rank != 4 or k_cache != v_cache or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
+        raise OpError(f"caches must be [blocks, block_size, {k.shape[1]}, {k.shape[2]}] for k {k}, got {k_cache}, {v_cache}")
+    if k_cache.dtype is not k.dtype:
+        raise OpError(f"cache dtype {k_cache.dtype} differs from k's {k.dtype}")
+    if q.shape[2] != k.shape[2] or isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
+        raise OpError(f"q {q} heads must be a multiple of k {k} heads, with one head_dim")
+    if slot_mapping.shape != (q.shape[0],) or slot_mapping.dtype is not DType.i64:
+        raise OpError(f"slot_mapping must be i64[{q.shape[0]}], got {slot_mapping}")
+    if block_tables.rank != 2 or block_tables.dtype is not DType.i32:
+        raise OpError(f"block_tables must be i32[seqs, max_blocks], got {block_tables}")
+    if context_lens.shape != block_tables.shape[:1] or context_lens.dtype is not DType.i32:
+        raise OpError(f"context_lens must be i32[{block_tables.shape[0]}], got {context_lens}")
+    if query_start.rank != 1 or query_start.dtype is not DType.i32:
+        raise OpError(f"query_start must be i32[seqs+1], got {query_start}")
+    if window is not None and window < 1:
+        raise OpError(f"window must be positive, got {window}")
+    return q
+
+
+@op("llm.paged_attention", infer=_paged_attention, side_effects=True)
+def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start, *,
+                    scale: float | None = None, window: int | None = None):
+    """Causal attention of the tokens of many sequences packed in one axis, over each sequence's
+    history in a paged KV cache. First the new k/v are written to their slots (slot = block *
+    block_size + offset; a negative slot is padding and is skipped), then sequence b's queries,
+    rows query_start[b]:query_start[b+1], attend to its first context_lens[b] cached tokens, read
+    through block_tables[b]; its last query is the token at position context_lens[b] - 1. The
+    caches are updated in place: the runtime owns them."""
+    bs = k_cache.shape[1]
+    live = slot_mapping >= 0
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[live]] = k[live]
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[live]] = v[live]
+    out = torch.zeros_like(q)
+    for b in range(context_lens.shape[0]):
+        start, end, ctx = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
+        if end <= start:
+            continue
+        blocks = block_tables[b, : (ctx + bs - 1) // bs].long()
+        keys = k_cache[blocks].flatten(0, 1)[:ctx]                    # [ctx, Hkv, D]
+        values = v_cache[blocks].flatten(0, 1)[:ctx]
+        out[start:end] = attention(q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                   values.transpose(0, 1)[None], causal=True, scale=scale,
+                                   window=window)[0].transpose(0, 1)
+    return out

@@ -52,6 +52,8 @@ CASES = {
     "llm.layer_norm": ([f32["T", 8], f32[8], f32[8]], {"eps": 1e-5}),
     "llm.rope": ([f32["T", 2, 8], i64["T"], f32[4]], {}),
     "llm.silu_mul": ([f32["T", 8], f32["T", 8]], {}),
+    "llm.paged_attention": ([f32["T", 4, 8], f32["T", 2, 8], f32["T", 2, 8], f32[16, 4, 2, 8], f32[16, 4, 2, 8],
+                             i64["T"], i32[2, 4], i32[2], i32[3]], {"scale": 0.3}),
     "quant.quantize": ([f32["T", 8], f32[8], i8[8]], {"dtype": DType.i8, "axis": 1}),
     "quant.dequantize": ([i8["T", 8], f32[8]], {"axis": -1}),
     # ops first needed by the ONNX frontend

@@ -25,26 +25,33 @@ from .pattern import Const, Match, OneOf, P, Rule, RuleSet, Var, apply_greedily
 # --- the eager spelling ---------------------------------------------------------------------------
 
 _q = OneOf(P("core.mul", Var("q"), Const(name="qscale")), Var("q"))
-_scores = P("core.matmul", _q, P("core.permute", Var("k"), name="kt"))
+_kt = Var("kt")  # k transposed, however the exporter spelled the transpose
+_scores = P("core.matmul", _q, OneOf(P("core.mul", _kt, Const(name="kscale")), _kt))  # ONNX: sqrt(scale) on each
 _scaled = OneOf(P("core.mul", _scores, Const(name="scale")), P("core.div", _scores, Const(name="divisor")), _scores)
 _masked = OneOf(P("core.add", _scaled, Var("mask"), name="masked"), _scaled)
 _softmax = P("core.softmax", OneOf(P("core.cast", _masked), _masked), name="probs")
-_EAGER = P("core.matmul", OneOf(P("core.cast", _softmax), _softmax), Var("v"))
+_guarded = OneOf(P("core.where", P("core.isnan", _softmax), Const(0), _softmax), _softmax)  # rows with no key -> 0
+_EAGER = P("core.matmul", OneOf(P("core.cast", _guarded), _guarded), Var("v"))
 
 
 def _is_eager_attention(m: Match) -> bool:
-    kt = m.op("kt")
-    q, k, v = m.q.type, m.k.type, m.v.type
-    last = kt.attrs["dims"]
-    return (q.rank == k.rank == v.rank == 4 and list(last) == [0, 1, 3, 2]
-            and m.op("probs").attrs["dim"] in (-1, 3) and q.dtype == k.dtype == v.dtype
+    q, kt, v = m.q.type, m.kt.type, m.v.type
+    return (q.rank == kt.rank == v.rank == 4 and kt.shape[2] == q.shape[3] and kt.shape[3] == v.shape[2]
+            and m.op("probs").attrs["dim"] in (-1, 3) and q.dtype == kt.dtype == v.dtype
             and ("mask" not in m or m.mask.type.dtype in (q.dtype, DType.bool)))
+
+
+def _untransposed(kt: Value, b: Builder) -> Value:
+    if kt.op is not None and kt.op.name == "core.permute" and list(kt.op.attrs["dims"]) == [0, 1, 3, 2]:
+        return kt.op.operands[0]
+    return b.core.permute(kt, dims=[0, 1, 3, 2])
 
 
 def _scale_of(m: Match) -> float:
     scale = 1.0
-    if "qscale" in m:
-        scale *= m.qscale.op.attrs["value"]
+    for name in ("qscale", "kscale"):
+        if name in m:
+            scale *= m[name].op.attrs["value"]
     if "scale" in m:
         scale *= m.scale.op.attrs["value"]
     if "divisor" in m:
@@ -53,7 +60,7 @@ def _scale_of(m: Match) -> float:
 
 
 def _eager_to_attention(m: Match, b: Builder) -> Value:
-    out = b.llm.attention(m.q, m.k, m.v, *([m.mask] if "mask" in m else []), scale=_scale_of(m))
+    out = b.llm.attention(m.q, _untransposed(m.kt, b), m.v, *([m.mask] if "mask" in m else []), scale=_scale_of(m))
     return out if out.type == m.root.type else b.core.cast(out, dtype=m.root.type.dtype)
 
 

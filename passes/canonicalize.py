@@ -63,6 +63,27 @@ def _explicit_reshape(m: Match, b: Builder) -> Value:
     return b.core.reshape(m.x, shape=m.root.type.shape)
 
 
+_AXIS_OPS = ("core.concat", "core.slice", "core.softmax", "core.log_softmax", "core.gather", "core.argmax",
+             "core.cumsum", "core.gather_elements")
+_REDUCTIONS = ("core.sum", "core.mean", "core.amax", "core.amin")
+
+
+def _has_negative_axis(m: Match) -> bool:
+    attrs = m.root.op.attrs
+    return attrs.get("dim", 0) < 0 if "dim" in attrs else any(d < 0 for d in attrs.get("dims", ()))
+
+
+def _non_negative_axes(m: Match, b: Builder) -> Value:
+    op = m.root.op
+    rank = op.operands[0].type.rank
+    attrs = dict(op.attrs)
+    if "dim" in attrs:
+        attrs["dim"] %= max(rank, 1)
+    else:
+        attrs["dims"] = [d % rank for d in attrs["dims"]]
+    return b.op(op.opdef, *op.operands, **attrs)
+
+
 def _false_select(m: Match, b: Builder) -> Value:
     return m.y
 
@@ -109,6 +130,13 @@ def _slice_slice(m: Match, b: Builder) -> Value:
 
 
 STRUCTURE = RuleSet(
+    Rule("non-negative-axes", P((*_AXIS_OPS, *_REDUCTIONS), variadic=True), _non_negative_axes,
+         where=_has_negative_axis),
+    Rule("one-over-sqrt", P("core.div", Const(1), P("core.sqrt", x)), lambda m, b: b.core.rsqrt(m.x),
+         where=_same_type),  # ONNX exporters spell rsqrt as 1/sqrt
+    Rule("reciprocal-sqrt", P("core.reciprocal", P("core.sqrt", x)), lambda m, b: b.core.rsqrt(m.x),
+         where=_same_type),
+    Rule("x-sigmoid-x", P("core.mul", x, P("core.sigmoid", x)), lambda m, b: b.core.silu(m.x), where=_same_type),
     Rule("slice-open-end", P("core.slice", x), _open_slice, where=_slice_to_end),
     Rule("reshape-explicit", P("core.reshape", x), _explicit_reshape,
          where=lambda m: -1 in m.root.op.attrs["shape"]),

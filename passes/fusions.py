@@ -66,13 +66,15 @@ _ROPE = P("core.add", P("core.mul", Var("x"), _trig("core.cos", "cos")), P("core
 
 
 def _rope_sources(m: Match) -> tuple[Value, Value, float] | None:
-    """(positions [T], inv_freq [D/2], scale) if the frequencies are positions * inv_freq."""
+    """(positions [T] or [1, T], inv_freq [D/2], scale) if the frequencies are positions * inv_freq."""
     found = next(iter(_freqs.match(m.graph, m.freqs, {})), None)
     if found is None:
         return None
     positions, inv_freq = found["positions"], found["inv_freq"]
     scales = {float(m[k].op.attrs["value"]) if k in m else 1.0 for k in ("cos_scale", "sin_scale")}
-    if positions.type.rank != 1 or positions.type.dtype not in (DType.i32, DType.i64) or len(scales) != 1:
+    if positions.type.shape not in ((m.x.type.shape[2],), (1, m.x.type.shape[2])) or len(scales) != 1:
+        return None
+    if positions.type.dtype not in (DType.i32, DType.i64):
         return None
     if inv_freq.type.shape != (m.x.type.shape[3] // 2,):
         return None
@@ -89,13 +91,35 @@ def _rope(m: Match, b: Builder) -> Value:
     return b.core.permute(out, dims=[0, 2, 1, 3])
 
 
+# The same rotation written on the two halves (ONNX RotaryEmbedding unrolled):
+# concat(x1*cos - x2*sin, x2*cos + x1*sin) with cos/sin of positions * inv_freq, half width.
+_x1, _x2 = P("core.slice", Var("x"), name="lower"), P("core.slice", Var("x"), name="upper")
+_cos_h = P("core.reshape", P("core.cos", Var("freqs")), name="cos")
+_sin_h = P("core.reshape", P("core.sin", Var("freqs")), name="sin")
+_ROPE_HALVES = P("core.concat", P("core.sub", P("core.mul", _x1, _cos_h), P("core.mul", _x2, _sin_h)),
+                 P("core.add", P("core.mul", _x2, _cos_h), P("core.mul", _x1, _sin_h)), name="rot")
+
+
+def _rope_halves_ok(m: Match) -> bool:
+    x = m.x.type
+    if x.rank != 4 or x.shape[0] != 1 or m.root.type != x or not isinstance(x.shape[3], int):
+        return False
+    _, _, tokens, dim = x.shape
+    upper, lower = m.op("upper").attrs, m.op("lower").attrs
+    return (upper["dim"] == 3 and upper["start"] == dim // 2 and upper["end"] is None and upper["step"] == 1
+            and lower["dim"] == 3 and lower["start"] == 0 and lower["end"] == dim // 2 and lower["step"] == 1
+            and m.op("rot").attrs["dim"] == 3 and m.cos.type.shape == (1, 1, tokens, dim // 2)
+            and m.sin.type.shape == m.cos.type.shape and _rope_sources(m) is not None)
+
+
 # --- silu_mul -------------------------------------------------------------------------------------
 
 _SILU_MUL = P("core.mul", P("core.silu", Var("gate")), Var("up"))
 
 
 NORM_RULES = RuleSet(Rule("rms-norm", _RMS_NORM, _rms_norm, where=_is_rms_norm))
-ROPE_RULES = RuleSet(Rule("rope-rotate-half", _ROPE, _rope, where=lambda m: _rope_ok(m)))
+ROPE_RULES = RuleSet(Rule("rope-rotate-half", _ROPE, _rope, where=lambda m: _rope_ok(m)),
+                     Rule("rope-halves", _ROPE_HALVES, _rope, where=lambda m: _rope_halves_ok(m)))
 ACTIVATION_RULES = RuleSet(Rule("silu-mul", _SILU_MUL, lambda m, b: b.llm.silu_mul(m.gate, m.up),
                                 where=lambda m: m.gate.type == m.up.type == m.root.type))
 

@@ -1,0 +1,48 @@
+import pytest
+
+pytest.importorskip("triton")
+import torch
+
+from kiln.kernels import gemm, gemm_fp8
+from kiln.kernels.gemm import DecodeConfig, PrefillConfig
+
+BF16 = torch.bfloat16
+SHAPES = [(1, 37, 300), (5, 50, 515), (16, 33, 129), (37, 70, 200)]  # no dim a multiple of a tile
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_bf16_paths(M, N, K, device, check, poisoned):
+    x, w = torch.randn(M, K, dtype=BF16, device=device), torch.randn(N, K, dtype=BF16, device=device)
+    ref = gemm.linear_reference(x, w)
+    check(gemm.linear_triton(x, w, out=poisoned((M, N), BF16, device)), ref, 1e-2)
+    check(gemm.linear_prefill(x, w, out=poisoned((M, N), BF16, device), config=PrefillConfig(32, 32, 32, 2, 4, 2)),
+          ref, 1e-2)
+    check(gemm.linear(x, w), ref, 1e-2)
+    if M <= gemm.DECODE_MAX_M:
+        for cfg in (DecodeConfig(16, 64, 3), DecodeConfig(32, 128, 2, block_m=16)):  # split-K via atomics
+            check(gemm.linear_decode(x, w, out=poisoned((M, N), BF16, device), config=cfg), ref, 1e-2)
+
+
+def test_bf16_batched_leading_dims(device, check):
+    x, w = torch.randn(2, 3, 64, dtype=BF16, device=device), torch.randn(24, 64, dtype=BF16, device=device)
+    check(gemm.linear_triton(x, w), gemm.linear_reference(x, w), 1e-2)
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fp8(M, N, K, per_row, device, check, poisoned):
+    # Compared with the reference on the same fp8 values: products are exact, sums in f32.
+    xq, xs = gemm_fp8.quantize_fp8(torch.randn(M, K, device=device), per_row)
+    wq, ws = gemm_fp8.quantize_fp8(torch.randn(N, K, device=device), per_row)
+    ref = gemm_fp8.linear_fp8_reference(xq, wq, xs, ws)
+    check(gemm_fp8.linear_fp8(xq, wq, xs, ws, out=poisoned((M, N), BF16, device)), ref, 1e-2)
+    check(gemm_fp8.linear_fp8(xq, wq, xs, ws, config=PrefillConfig(32, 32, 64, 2, 4, 2)), ref, 1e-2)
+    if M <= gemm.DECODE_MAX_M:
+        check(gemm_fp8.linear_fp8(xq, wq, xs, ws, config=DecodeConfig(16, 64, 3)), ref, 1e-2)
+
+
+def test_quantize_fp8_scales(device):
+    x = torch.randn(7, 33, device=device) * 5
+    q, s = gemm_fp8.quantize_fp8(x, per_row=True)
+    assert q.dtype == gemm_fp8.FP8 and s.shape == (7,)
+    assert ((q.float() * s[:, None] - x).abs() <= x.abs() * 2**-3 + 1e-6).all()  # e4m3: 3 mantissa bits

@@ -1,0 +1,63 @@
+import pytest
+
+pytest.importorskip("triton")
+import torch
+
+from kiln.kernels import gemm_woq
+from kiln.kernels.gemm import DecodeConfig, PrefillConfig
+from kiln.kernels.gemm_woq import AwqConfig
+
+BF16 = torch.bfloat16
+
+
+def awq_weights(K: int, N: int, device, dtype=BF16):
+    q = gemm_woq.awq_pack(torch.randint(0, 16, (K, N), device=device))
+    z = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128, N), device=device))
+    s = (torch.rand(K // 128, N, device=device) * 0.02 + 0.005).to(dtype)
+    return q, z, s
+
+
+def test_awq_packing_matches_autoawq_loop():
+    # AutoAWQ's packer: for each int32, nibble i takes column order_map[i] of its 8 columns.
+    q = torch.randint(0, 16, (5, 24))
+    packed = torch.zeros(5, 3, dtype=torch.int32)
+    for c in range(3):
+        for i, col in enumerate([0, 2, 4, 6, 1, 3, 5, 7]):
+            packed[:, c] |= q[:, c * 8 + col].int() << (4 * i)
+    assert torch.equal(gemm_woq.awq_pack(q), packed)
+    assert torch.equal(gemm_woq.awq_unpack(packed), q.int())
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 256), (1, 200, 384), (3, 72, 384), (16, 8, 128), (37, 56, 256)])
+def test_awq(M, N, K, device, check, poisoned):
+    x = torch.randn(M, K, dtype=BF16, device=device)
+    q, z, s = awq_weights(K, N, device)
+    ref = gemm_woq.linear_awq_reference(x, q, z, s)
+    check(gemm_woq.linear_awq(x, q, z, s, out=poisoned((M, N), BF16, device)), ref, 1e-2)
+    check(gemm_woq.linear_awq(x, q, z, s, config=AwqConfig(16, 32, 2)), ref, 1e-2)  # split-K, N % 32 != 0
+    check(gemm_woq.linear_awq(x, q, z, s, gemv=False), ref, 1e-2)
+    if M == 1:  # the register-only kernel at another step and with split-K
+        check(gemm_woq.linear_awq(x, q, z, s, config=AwqConfig(1, 64, 2, block_k=64)), ref, 1e-2)
+
+
+def test_awq_f16_scales_and_prefill_dequant(device, check):
+    x = torch.randn(130, 256, dtype=torch.float16, device=device)  # >= DEQUANT_MIN_M rows
+    q, z, s = awq_weights(256, 48, device, torch.float16)
+    ref = gemm_woq.linear_awq_reference(x, q, z, s)
+    check(gemm_woq.linear_awq(x, q, z, s), ref, 2e-3)
+    check(gemm_woq.linear_awq(x, q, z, s, config=AwqConfig(32, 32, 1)), ref, 2e-3)
+    w = gemm_woq.awq_dequantize_triton(q, z, s)
+    check(w, gemm_woq.awq_dequantize(q, z, s).to(torch.float16), 1e-3)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 37, 300), (5, 50, 515), (37, 70, 200), (130, 20, 64)])
+def test_w8a16(M, N, K, device, check, poisoned):
+    x = torch.randn(M, K, dtype=BF16, device=device)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    ws = torch.rand(N, device=device) * 0.01 + 1e-3
+    ref = gemm_woq.linear_w8a16_reference(x, wq, ws)
+    check(gemm_woq.linear_w8a16(x, wq, ws, out=poisoned((M, N), BF16, device)), ref, 1e-2)
+    check(gemm_woq.linear_w8a16(x, wq, ws, config=PrefillConfig(32, 32, 32, 2, 4, 2)), ref, 1e-2)
+    if M <= 16:
+        check(gemm_woq.linear_w8a16(x, wq, ws, config=DecodeConfig(16, 64, 2)), ref, 1e-2)
+

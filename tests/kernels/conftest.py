@@ -1,11 +1,7 @@
-"""Kernel tests run under the Triton interpreter on CPU (set before anything imports triton), or on a GPU."""
-import os
-
+"""Kernel tests run under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET
+before anything imports triton), or on a GPU."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tolerances (relative norm, stated at each check): bf16 outputs 1e-2 (one rounding is 2^-8 relative,
 # and the interpreter truncates where the GPU rounds to nearest); f16 2e-3; f32 1e-5.

@@ -1,5 +1,7 @@
 """The `kiln` command line.
 
+    kiln generate "What is the capital of France?"           # the default model, best target here
+    kiln compile smollm2 --out smol/ && kiln generate -m smol/ "Hello"
     kiln run examples/llama_block.ir --pipeline canonicalize,cse,dce --check
     kiln irdump examples/llama_block.ir --stats --dim T=128
     kiln ops            # every registered op with its schema
@@ -55,33 +57,44 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Greedy text generation by re-running the compiled stateless forward over the whole
-    sequence each step: no KV cache yet (the serving runtime replaces this)."""
-    from ..frontends import load, resolve
-    from ..frontends.hf import tokenizer_for
+    """Compile a model (or load an artifact) and generate, streaming the text as it comes."""
+    import asyncio
 
-    path = resolve(args.model)
-    tokenizer = tokenizer_for(path)
-    graph = load(path, dtype=args.dtype)
-    run_pipeline(graph, args.pipeline)
-    exe = reference.compile(graph, device=args.device)
-    if args.chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(args.prompt)["input_ids"]
-    ids = list(ids)
-    start, new = time.perf_counter(), []
-    for _ in range(args.max_new_tokens):
-        tokens = torch.tensor(ids + new, dtype=torch.int32)
-        logits = exe(tokens, torch.arange(len(tokens), dtype=torch.int32))[0]
-        nxt = int(logits[-1].argmax())
-        if nxt == tokenizer.eos_token_id:
-            break
-        new.append(nxt)
-        print(tokenizer.decode(new[-1:]), end="", flush=True)
-    elapsed = time.perf_counter() - start
-    print(f"\n// {len(new)} tokens in {elapsed:.1f} s on the reference backend ({args.device}), no KV cache")
+    from .. import LLM, KvCacheConfig, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=args.stop or None)
+    llm = LLM(args.model, target=args.target, dtype=args.dtype, quant_config=args.quant,
+              kv_cache_config=KvCacheConfig(tokens_per_block=args.tokens_per_block))
+    prompts = args.prompt or ["What is the capital of France?"]
+    if args.chat and getattr(llm.tokenizer, "chat_template", None):
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+
+    async def stream(prompt: str) -> None:
+        shown = ""
+        async for out in llm.generate_async(prompt, params, streaming=True):
+            text = out.outputs[0].text
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print(f"\n// {len(out.outputs[0].token_ids)} tokens, finish reason: {out.outputs[0].finish_reason}")
+
+    start = time.perf_counter()
+    for prompt in prompts:
+        asyncio.run(stream(prompt))
+    print(f"// {time.perf_counter() - start:.1f} s on {llm.model.target} ({llm.model.target_reason or llm.model.device})")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    """Compile once, serve many times: write an artifact folder that kiln.load / LLM(dir) read back."""
+    from .. import compile as kiln_compile
+
+    model = kiln_compile(args.model, target=args.target, quant=args.quant, dtype=args.dtype,
+                         tokens_per_block=args.tokens_per_block, trust_remote_code=args.trust_remote_code)
+    folder = model.save(args.out)
+    print(f"// compiled {args.model} for {model.target} ({model.dtype}): {len(model.graph.ops)} ops -> {folder}")
     return 0
 
 
@@ -104,6 +117,13 @@ def _passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", "-t", default="auto", help="auto, reference, cuda, trt, onnx")
+    p.add_argument("--quant", "-q", default=None, help="quantization mode (none yet)")
+    p.add_argument("--dtype", default="auto", help="auto, f32, f16, bf16")
+    p.add_argument("--tokens-per-block", type=int, default=16)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: a compiler and runtime for LLMs.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -118,15 +138,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--check", action="store_true", help="compare with the uncompiled graph on random data")
     p.set_defaults(fn=_run)
-    p = sub.add_parser("generate", help="greedy text from a model (reference backend, no KV cache yet)")
-    p.add_argument("model", nargs="?", default="smollm2", help="a model folder, .gguf, Meta folder or short name")
-    p.add_argument("--prompt", default="What is the capital of France?")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p = sub.add_parser("generate", help="generate text with the default or a given model")
+    p.add_argument("prompt", nargs="*", help="prompts (default: a question for the default model)")
+    p.add_argument("--model", "-m", default="smollm2", help="a model folder, .gguf, .onnx, Meta folder, artifact, or smollm2")
+    _model_options(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--pipeline", "-p", default="canonicalize,cse,dce")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(fn=_generate)
+    p = sub.add_parser("compile", help="compile a model into an artifact folder")
+    p.add_argument("model", help="a model folder, .gguf, .onnx, Meta folder, or smollm2")
+    p.add_argument("--out", "-o", required=True, help="the artifact folder to write")
+    _model_options(p)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(fn=_compile)
     p = sub.add_parser("irdump", help="print, diff, draw and count the IR around passes (see irdump --help)")
     irdump.add_arguments(p)
     p.set_defaults(fn=lambda a: irdump.run(a))
@@ -140,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args)
     except (irdump.CommandError, PipelineError) as e:
         parser.exit(2, f"kiln: error: {e}\n")
-    except (ParseError, VerificationError, PassError, reference.ExecutionError, AssertionError) as e:
+    except (ParseError, VerificationError, PassError, reference.ExecutionError, AssertionError, ValueError) as e:
         parser.exit(1, f"kiln: error: {e}\n")
     return 0
 

@@ -1,0 +1,286 @@
+"""The engine loop: schedule a step, pack its tokens and attention metadata into the serving
+graph's inputs, run the compiled model, sample, detokenise, and report what changed.
+
+The engine reads everything it needs off the serving graph itself (the inputs the kv-cache pass
+made: metadata, one K and one V cache per layer), so any backend's executable plugs in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence as Seq
+
+import torch
+
+from ..ir.graph import Graph
+from .blocks import BlockPool
+from .config import BuildConfig, KvCacheConfig, available_host_memory
+from .detokenizer import IncrementalDetokenizer, StopChecker
+from .sampling import SamplingParams, request_generator, sample
+from .scheduler import Scheduled, Scheduler, Sequence, Status
+
+CPU_POOL_TOKENS = 65536
+METADATA = ("tokens", "positions", "slot_mapping", "block_tables", "context_lens", "query_start", "logits_indices")
+
+
+class RequestError(ValueError):
+    """A request that cannot run (empty, too long, bad parameters); it fails alone."""
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request, as vLLM and TensorRT-LLM shape it."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None     # "stop", "length", "abort"
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    on_update: Callable[["RequestOutput"], None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+    def snapshot(self) -> RequestOutput:
+        outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob,
+                                 list(o.logprobs) if o.logprobs is not None else None, o.finish_reason, o.stop_reason)
+                for o in self.outputs]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished)
+
+
+@dataclass
+class _SeqState:
+    """What the engine keeps per sequence besides its tokens."""
+
+    request: Request
+    output: CompletionOutput
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer | None
+    stop: StopChecker | None
+    eos: set[int]
+
+
+class Engine:
+    """Runs a serving graph's executable over a paged KV pool it owns."""
+
+    def __init__(self, graph: Graph, executable: Callable[..., list[torch.Tensor]], *, tokenizer: Any = None,
+                 kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
+                 max_positions: int | None = None, eos_token_ids: Seq[int] = (), device: str = "cpu"):
+        names = [v.name for v in graph.inputs]
+        if names[: len(METADATA)] != list(METADATA):
+            raise ValueError(f"not a serving graph (inputs {', '.join(names[:8])}...): compile it with the "
+                             f"'serving' pipeline")
+        self.executable = executable
+        self.tokenizer = tokenizer
+        tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = set(eos_token_ids) | ({tokenizer_eos} if tokenizer_eos is not None else set())
+        self.kv_config = kv_cache_config or KvCacheConfig()
+        self.build_config = build_config or BuildConfig()
+        self.device = device
+        caches = graph.inputs[len(METADATA):]
+        _, block, kv_heads, head_dim = caches[0].type.shape
+        if self.kv_config.tokens_per_block not in (None, block):
+            raise ValueError(f"kv_cache_config.tokens_per_block={self.kv_config.tokens_per_block} but the model was "
+                             f"compiled for blocks of {block}; compile with tokens_per_block="
+                             f"{self.kv_config.tokens_per_block}")
+        dtype = caches[0].type.dtype.torch
+        self.max_seq_len = self.build_config.max_seq_len or max_positions or 4096
+        num_blocks = self._pool_blocks(len(caches), block, kv_heads, head_dim, dtype)
+        # never read before written (paged attention reads each sequence's first context_lens tokens)
+        self.caches = [torch.empty(num_blocks, block, kv_heads, head_dim, dtype=dtype, device=device) for _ in caches]
+        self.pool = BlockPool(num_blocks, block, self.kv_config.enable_block_reuse)
+        self.scheduler = Scheduler(self.pool, self.build_config.max_batch_size, self.build_config.max_num_tokens)
+        self.requests: dict[str, Request] = {}
+        self._state: dict[int, _SeqState] = {}
+        self.steps = 0
+
+    def _pool_blocks(self, num_caches: int, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        per_token = num_caches * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        if self.kv_config.max_tokens is not None:
+            tokens = self.kv_config.max_tokens
+        else:
+            if self.device.startswith("cuda"):
+                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+                tokens = int(free * self.kv_config.free_gpu_memory_fraction) // per_token
+            else:  # a CPU serves tests and debugging: a quarter of free RAM, at most CPU_POOL_TOKENS
+                tokens = min(int(available_host_memory() * self.kv_config.free_gpu_memory_fraction) // 4 // per_token,
+                             CPU_POOL_TOKENS)
+            tokens = min(tokens, self.max_seq_len * self.build_config.max_batch_size)
+        blocks = tokens // block
+        if blocks < 1:
+            raise ValueError(f"the KV pool would hold {tokens} tokens, less than one block of {block}: raise "
+                             f"kv_cache_config.max_tokens or free_gpu_memory_fraction")
+        return blocks
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, prompt: str | None = None,
+                    on_update: Callable[[RequestOutput], None] | None = None) -> Request:
+        prompt_ids = [int(t) for t in prompt_ids]
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens but max_seq_len is {self.max_seq_len}: "
+                               f"shorten it or raise build_config.max_seq_len")
+        if len(prompt_ids) + 1 > self.capacity:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the KV pool holds {self.capacity}: "
+                               f"raise kv_cache_config.max_tokens")
+        if params.use_beam_search:
+            raise RequestError("beam search runs through kiln.AutoModelForCausalLM.generate(num_beams=...) in this "
+                               "version; LLM.generate takes sampling and greedy requests")
+        request = Request(request_id, prompt, prompt_ids, params, on_update=on_update)
+        for i in range(params.n):
+            seq = Sequence(list(prompt_ids), request=request)
+            out = CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
+                                   cumulative_logprob=0.0 if params.logprobs is not None else None)
+            gen_params = params if params.seed is None or i == 0 else _reseeded(params, params.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens) \
+                if self.tokenizer is not None else None
+            stops = params.stop if isinstance(params.stop, list) else [params.stop] if params.stop else []
+            checker = StopChecker(stops, params.include_stop_str_in_output) if stops and detok is not None else None
+            eos = set() if params.ignore_eos else {params.end_id} if params.end_id is not None else set(self.eos_token_ids)
+            self._state[seq.seq_id] = _SeqState(request, out, request_generator(gen_params), detok, checker, eos)
+            request.seqs.append(seq)
+            request.outputs.append(out)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq, out in zip(request.seqs, request.outputs):
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq)
+                out.finish_reason = out.finish_reason or "abort"
+            self._state.pop(seq.seq_id, None)
+        if request.on_update:
+            request.on_update(request.snapshot())
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens one sequence can hold: the whole pool."""
+        return self.pool.num_blocks * self.pool.block_size
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.waiting:
+                raise RuntimeError("no sequence can be scheduled: the KV pool is too small for the waiting "
+                                   "request")
+            return []
+        logits = self._run(batch)
+        self.scheduler.advance(batch)
+        self.steps += 1
+        ready = [s.seq for s in batch if s.produces_logits]
+        touched: dict[str, Request] = {}
+        if ready:
+            states = [self._state[seq.seq_id] for seq in ready]
+            sampled = sample(logits, [st.request.params for st in states], [seq.prompt_ids for seq in ready],
+                             [seq.output_ids for seq in ready], [st.generator for st in states],
+                             eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
+            for i, (seq, st) in enumerate(zip(ready, states)):
+                self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+                touched[st.request.request_id] = st.request
+        outputs = []
+        for request in touched.values():
+            snap = request.snapshot()
+            outputs.append(snap)
+            if request.on_update:
+                request.on_update(snap)
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _append(self, seq: Sequence, st: _SeqState, token: int, logprob: float, top: dict[int, float] | None) -> None:
+        params, out = st.request.params, st.output
+        seq.output_ids.append(token)
+        out.token_ids.append(token)
+        if out.cumulative_logprob is not None:
+            out.cumulative_logprob += logprob
+        if out.logprobs is not None:
+            out.logprobs.append({**(top or {}), token: logprob})
+        n = len(seq.output_ids)
+        reason = None
+        if token in st.eos or token in (params.stop_token_ids or ()):  # the sampler held them back until min_tokens
+            reason, out.stop_reason = "stop", None if token in st.eos else token
+        if st.detokenizer is not None and (reason is None or params.include_stop_str_in_output):
+            st.detokenizer.add(token)
+            out.text = st.detokenizer.text
+            if st.stop is not None:  # hold back the start of a stop string until it is known not to be one
+                cut = st.stop.check(out.text)
+                out.text = out.text[: st.stop.sent] if cut is None else cut[0]
+                if cut is not None:
+                    reason, out.stop_reason = "stop", cut[1]
+        if reason is None and (n >= params.max_tokens or len(seq) >= min(self.max_seq_len, self.capacity)):
+            reason = "length"
+        if reason is not None and st.detokenizer is not None and not isinstance(out.stop_reason, str):
+            st.detokenizer.flush()          # ended without a stop string: a split character and held-back
+            out.text = st.detokenizer.text  # text are released
+        if reason is not None:
+            out.finish_reason = reason
+            self.scheduler.finish(seq)
+            self._state.pop(seq.seq_id, None)
+
+    def _run(self, batch: list[Scheduled]) -> torch.Tensor:
+        bs = self.pool.block_size
+        tokens, positions, slots, starts, lens, rows, tables = [], [], [], [0], [], [], []
+        for s in batch:
+            ids = s.seq.token_ids[s.start: s.start + s.num_tokens]
+            tokens += ids
+            positions += range(s.start, s.start + s.num_tokens)
+            slots += [s.seq.blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.num_tokens)]
+            starts.append(starts[-1] + s.num_tokens)
+            lens.append(s.start + s.num_tokens)
+            tables.append(s.seq.blocks)
+            if s.produces_logits:
+                rows.append(starts[-1] - 1)
+        width = max(len(t) for t in tables)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        inputs = [torch.tensor(tokens, **i32), torch.tensor(positions, **i32),
+                  torch.tensor(slots, dtype=torch.int64, device=self.device),
+                  torch.tensor([t + [0] * (width - len(t)) for t in tables], **i32), torch.tensor(lens, **i32),
+                  torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        return self.executable(*inputs, *self.caches)[0]
+
+
+def _reseeded(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+

@@ -15,11 +15,12 @@ from .backends import TargetUnavailableError  # noqa: E402
 from .ir import Builder, DType, Graph, TensorType, parse, print_graph, verify  # noqa: E402
 from .runtime.config import BuildConfig, KvCacheConfig  # noqa: E402
 from .runtime.engine import CompletionOutput, RequestError, RequestOutput  # noqa: E402
+from .runtime.hf_model import AutoModelForCausalLM  # noqa: E402
 from .runtime.llm import LLM, RequestFuture  # noqa: E402
 from .runtime.sampling import SamplingParams  # noqa: E402
 
 __all__ = [
-    "__version__", "ArtifactError", "CompiledModel", "compile", "is_artifact", "load", "TargetUnavailableError",
+    "__version__", "AutoModelForCausalLM", "ArtifactError", "CompiledModel", "compile", "is_artifact", "load", "TargetUnavailableError",
     "Builder", "DType", "Graph", "TensorType", "parse", "print_graph", "verify", "BuildConfig", "KvCacheConfig",
     "CompletionOutput", "RequestError", "RequestOutput", "LLM", "RequestFuture", "SamplingParams",
 ]

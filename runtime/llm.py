@@ -202,6 +202,16 @@ class LLM:
         outputs = [f.result() for f in tqdm(futures, desc="generating", disable=not use_tqdm or len(futures) < 2)]
         return outputs[0] if single else outputs
 
+    def call_in_engine(self, fn: Any) -> Any:
+        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        done, box = threading.Event(), []
+        self._inbox.put(("call", fn, done, box))
+        self._ensure_thread()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
     def _abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._ensure_thread()
@@ -243,6 +253,13 @@ class LLM:
             done.set()
         elif command[0] == "abort":
             self.engine.abort(command[1])
+        elif command[0] == "call":
+            _, fn, done, box = command
+            try:
+                box.append(fn(self.engine))
+            except Exception as e:  # handed back to the caller's thread
+                box.append(e)
+            done.set()
 
     def _deliver(self, future: RequestFuture, output: RequestOutput) -> None:
         if future.streaming or output.finished:

@@ -51,6 +51,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token; None for the first
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     outputs: list[CompletionOutput] = field(default_factory=list)
     on_update: Callable[["RequestOutput"], None] | None = None
+    prompt_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # by position
 
     @property
     def finished(self) -> bool:
@@ -71,7 +73,10 @@ class Request:
         outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob,
                                  list(o.logprobs) if o.logprobs is not None else None, o.finish_reason, o.stop_reason)
                 for o in self.outputs]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished)
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_ids))]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, prompt_logprobs)
 
 
 @dataclass
@@ -153,6 +158,9 @@ class Engine:
         if len(prompt_ids) + 1 > self.capacity:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the KV pool holds {self.capacity}: "
                                f"raise kv_cache_config.max_tokens")
+        if params.best_of is not None and params.best_of > params.n:
+            raise RequestError(f"best_of={params.best_of} > n={params.n} is not supported by this runtime yet: "
+                               f"ask for n={params.best_of} and rank by cumulative_logprob")
         if params.use_beam_search:
             raise RequestError("beam search runs through kiln.AutoModelForCausalLM.generate(num_beams=...) in this "
                                "version; LLM.generate takes sampling and greedy requests")
@@ -204,14 +212,16 @@ class Engine:
                 raise RuntimeError("no sequence can be scheduled: the KV pool is too small for the waiting "
                                    "request")
             return []
-        logits = self._run(batch)
+        logits, sample_rows, prompt_rows = self._run(batch)
         self.scheduler.advance(batch)
         self.steps += 1
         ready = [s.seq for s in batch if s.produces_logits]
         touched: dict[str, Request] = {}
+        if prompt_rows:
+            self._prompt_logprobs(logits, prompt_rows, touched)
         if ready:
             states = [self._state[seq.seq_id] for seq in ready]
-            sampled = sample(logits, [st.request.params for st in states], [seq.prompt_ids for seq in ready],
+            sampled = sample(logits[sample_rows], [st.request.params for st in states], [seq.prompt_ids for seq in ready],
                              [seq.output_ids for seq in ready], [st.generator for st in states],
                              eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
             for i, (seq, st) in enumerate(zip(ready, states)):
@@ -257,9 +267,24 @@ class Engine:
             self.scheduler.finish(seq)
             self._state.pop(seq.seq_id, None)
 
-    def _run(self, batch: list[Scheduled]) -> torch.Tensor:
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[int, Sequence, int]],
+                         touched: dict[str, Request]) -> None:
+        """Logprobs of prompt tokens from the rows that predict them (row at position p predicts p + 1)."""
+        logprobs = torch.log_softmax(logits[[r for r, _, _ in rows]].float(), dim=-1)
+        for (_, seq, p), lp in zip(rows, logprobs):
+            request = self._state[seq.seq_id].request
+            token = seq.prompt_ids[p + 1]
+            k = request.params.prompt_logprobs
+            top = {} if k == 0 else dict(zip(*(t.tolist() for t in reversed(lp.topk(k)))))
+            request.prompt_logprobs[p + 1] = {**top, token: float(lp[token])}
+            touched[request.request_id] = request
+
+    def _run(self, batch: list[Scheduled]) -> tuple[torch.Tensor, list[int], list[tuple[int, Sequence, int]]]:
+        """Run one step; the logits, the rows to sample from, and (row, sequence, position) of
+        prompt rows whose logprobs were asked for."""
         bs = self.pool.block_size
         tokens, positions, slots, starts, lens, rows, tables = [], [], [], [0], [], [], []
+        sample_rows, prompt_rows = [], []
         for s in batch:
             ids = s.seq.token_ids[s.start: s.start + s.num_tokens]
             tokens += ids
@@ -268,7 +293,13 @@ class Engine:
             starts.append(starts[-1] + s.num_tokens)
             lens.append(s.start + s.num_tokens)
             tables.append(s.seq.blocks)
+            st = self._state.get(s.seq.seq_id)
+            if st is not None and st.request.params.prompt_logprobs is not None and st.output.index == 0:
+                for p in range(s.start, min(s.start + s.num_tokens, len(s.seq.prompt_ids) - 1)):
+                    prompt_rows.append((len(rows), s.seq, p))
+                    rows.append(starts[-2] + p - s.start)
             if s.produces_logits:
+                sample_rows.append(len(rows))
                 rows.append(starts[-1] - 1)
         width = max(len(t) for t in tables)
         i32 = dict(dtype=torch.int32, device=self.device)
@@ -276,7 +307,7 @@ class Engine:
                   torch.tensor(slots, dtype=torch.int64, device=self.device),
                   torch.tensor([t + [0] * (width - len(t)) for t in tables], **i32), torch.tensor(lens, **i32),
                   torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=self.device)]
-        return self.executable(*inputs, *self.caches)[0]
+        return self.executable(*inputs, *self.caches)[0], sample_rows, prompt_rows
 
 
 def _reseeded(params: SamplingParams, seed: int) -> SamplingParams:

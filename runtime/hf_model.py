@@ -129,4 +129,4 @@ def _run(engine: Engine, rows: list[tuple[list[int], int, list[int]]]) -> torch.
         seq = Seq(list(tokens))
         seq.blocks = blocks
         batch.append(Scheduled(seq, start, len(tokens) - start))
-    return engine._run(batch)
+    return engine._run(batch)[0]

@@ -137,3 +137,23 @@ def test_bad_input_fails_alone(smol_llm, tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         LLM(str(tmp_path / "no-such-model"))
     assert running.result(timeout=60).outputs[0].finish_reason == "length"
+
+
+def test_stop_strings_logprobs_and_prompt_logprobs(smol_llm):
+    llm, model, tokenizer = smol_llm
+    full = llm.generate(PROMPTS[0], GREEDY).outputs[0]
+    cut = full.text.index("Paris") + 2                      # "Pa" may end a token: the stop spans tokens
+    stop = full.text[cut - 2: cut + 3]
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, stop=[stop], logprobs=2,
+                                                  prompt_logprobs=1))
+    first = out.outputs[0]
+    assert first.text == full.text[: cut - 2] and first.finish_reason == "stop" and first.stop_reason == stop
+    ids = out.prompt_token_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + first.token_ids])).logits[0].log_softmax(-1)
+    for i, (token, entry) in enumerate(zip(first.token_ids, first.logprobs)):
+        assert len(entry) <= 3 and abs(entry[token] - logits[len(ids) - 1 + i, token].item()) < 1e-3
+    assert abs(first.cumulative_logprob - sum(e[t] for t, e in zip(first.token_ids, first.logprobs))) < 1e-4
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        assert abs(out.prompt_logprobs[p][ids[p]] - logits[p - 1, ids[p]].item()) < 1e-3

@@ -164,4 +164,4 @@ ATTENTION_RULES = RuleSet(
 @register_pass("fuse-attention")
 def fuse_attention(graph: Graph) -> int:
     """Eager and SDPA attention to one llm.attention: grouped KV heads, causal/window masks as attributes."""
-    return apply_greedily(graph, ATTENTION_RULES)
+    return apply_greedily(graph, ATTENTION_RULES, explain=True)

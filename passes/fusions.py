@@ -140,19 +140,19 @@ def _rope_ok(m: Match) -> bool:
 @register_pass("fuse-rms-norm")
 def fuse_rms_norm(graph: Graph) -> int:
     """x * rsqrt(mean(x^2) + eps) * w -> llm.rms_norm."""
-    return apply_greedily(graph, NORM_RULES)
+    return apply_greedily(graph, NORM_RULES, explain=True)
 
 
 @register_pass("fuse-rope")
 def fuse_rope(graph: Graph) -> int:
     """q*cos + rotate_half(q)*sin at explicit positions -> llm.rope."""
-    return apply_greedily(graph, ROPE_RULES)
+    return apply_greedily(graph, ROPE_RULES, explain=True)
 
 
 @register_pass("fuse-silu-mul")
 def fuse_silu_mul(graph: Graph) -> int:
     """silu(gate) * up -> llm.silu_mul."""
-    return apply_greedily(graph, ACTIVATION_RULES)
+    return apply_greedily(graph, ACTIVATION_RULES, explain=True)
 
 
 # --- merging linears that share an input ------------------------------------------------------------

@@ -282,25 +282,39 @@ class RewriteError(RuntimeError):
     """A rule produced something that does not fit, or the rule set does not converge."""
 
 
-def apply_greedily(graph: Graph, rules: RuleSet | Iterable[Rule], *, max_rewrites: int = 100_000) -> int:
+def apply_greedily(graph: Graph, rules: RuleSet | Iterable[Rule], *, max_rewrites: int = 100_000,
+                   explain: bool = False) -> int:
     """Apply rules until none matches; returns the number of rewrites. Ops left without uses by a
-    rewrite are erased when pure, so matched chains disappear with their root."""
+    rewrite are erased when pure, so matched chains disappear with their root. With `explain`, a
+    rule that found candidate roots but never applied says so in a pass remark."""
     rules = rules if isinstance(rules, RuleSet) else RuleSet(*rules)
     worklist: deque[Op] = deque(graph.ops)
     alive = {id(op) for op in graph.ops}
     count = 0
+    tried: dict[str, set[int]] = {}
+    applied: set[str] = set()
+    from .manager import _REMARKS, remark
+
+    said = len(_REMARKS.get() or ())
     while worklist:
         op = worklist.popleft()
         if id(op) not in alive:
             continue
         for r in rules.for_op(op.name):
-            applied = _try_rule(graph, r, op, worklist, alive)
-            if applied:
+            tried.setdefault(r.name, set()).add(id(op))
+            if _try_rule(graph, r, op, worklist, alive):
+                applied.add(r.name)
                 count += 1
                 if count > max_rewrites:
                     raise RewriteError(f"rule set did not converge after {max_rewrites} rewrites "
                                        f"(last rule: {r.name}); two rules may undo each other")
                 break
+    if explain and len(_REMARKS.get() or ()) == said:  # a rule that explained itself needs no generic note
+        for r in rules:
+            if r.name not in applied and tried.get(r.name):
+                roots = "/".join(r.pattern.op) if r.pattern.op else "candidate"
+                remark(f"rule {r.name}: none of the {len(tried[r.name])} {roots} ops is the root of its pattern "
+                       f"(or its where= check failed)")
     return count
 
 

@@ -162,8 +162,8 @@ class Engine:
             raise RequestError(f"best_of={params.best_of} > n={params.n} is not supported by this runtime yet: "
                                f"ask for n={params.best_of} and rank by cumulative_logprob")
         if params.use_beam_search:
-            raise RequestError("beam search runs through kiln.AutoModelForCausalLM.generate(num_beams=...) in this "
-                               "version; LLM.generate takes sampling and greedy requests")
+            raise RequestError("beam-search requests are run by LLM.generate / generate_async, not queued on the "
+                               "engine's batch")
         request = Request(request_id, prompt, prompt_ids, params, on_update=on_update)
         for i in range(params.n):
             seq = Sequence(list(prompt_ids), request=request)

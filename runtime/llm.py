@@ -176,6 +176,9 @@ class LLM:
         text, ids, params = self._prepare(prompt, sampling_params)
         request_id = str(next(self._ids))
         future = RequestFuture(self, request_id, streaming)
+        if params.use_beam_search:
+            threading.Thread(target=self._beam_request, args=(future, text, ids, params), daemon=True).start()
+            return future
         done = threading.Event()
         error: list[BaseException] = []
         self._inbox.put(("add", request_id, ids, params, text, future, done, error))
@@ -201,6 +204,25 @@ class LLM:
         futures = [self.generate_async(p, sp) for p, sp in zip(batch, params)]
         outputs = [f.result() for f in tqdm(futures, desc="generating", disable=not use_tqdm or len(futures) < 2)]
         return outputs[0] if single else outputs
+
+    def _beam_request(self, future: RequestFuture, text: str | None, ids: list[int], params: SamplingParams) -> None:
+        """Beam search runs on the engine thread between steps, over the same paged pool."""
+        from .engine import CompletionOutput
+        from .hf_model import beam_search
+
+        try:
+            eos = {params.end_id} if params.end_id is not None else set() if params.ignore_eos else \
+                set(self.engine.eos_token_ids)
+            found = self.call_in_engine(lambda engine: beam_search(engine, ids, params, eos | set(params.stop_token_ids or ())))
+            outputs = []
+            for i, (score, tokens) in enumerate(found.best(params.n)):
+                text_out = self.tokenizer.decode(tokens, skip_special_tokens=params.skip_special_tokens) \
+                    if self.tokenizer is not None else ""
+                reason = "stop" if tokens and tokens[-1] in eos else "length"
+                outputs.append(CompletionOutput(i, text_out, tokens, cumulative_logprob=score, finish_reason=reason))
+            future._update(RequestOutput(future.request_id, text, ids, outputs, finished=True))
+        except Exception as e:  # handed to whoever waits on the future
+            future._fail(e)
 
     def call_in_engine(self, fn: Any) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result."""

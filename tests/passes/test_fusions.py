@@ -150,3 +150,17 @@ def test_merge_linears_says_why_it_skips_mixed_biases(check_pass):
                  print_changed=True, stream=out)
     assert out.getvalue() == ("// merge-linears: no change\n"
                               "//   linears reading %x are not merged: some have a bias and some do not\n")
+
+
+def test_a_fusion_that_cannot_apply_says_why():
+    import io
+    import textwrap
+
+    from kiln.ir import parse
+    from kiln.passes.manager import run_pipeline
+
+    out = io.StringIO()
+    run_pipeline(parse(textwrap.dedent(LEFT_ALONE["rms_norm_other_axis"][1]).lstrip()), "fuse-rms-norm",
+                 print_after_all=True, print_changed=True, stream=out)
+    assert out.getvalue() == ("// fuse-rms-norm: no change\n//   rule rms-norm: none of the 2 core.mul ops is the "
+                              "root of its pattern (or its where= check failed)\n")

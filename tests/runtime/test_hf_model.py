@@ -54,3 +54,17 @@ def test_smollm2_greedy_and_beam_search_match_transformers(smollm2):
 def test_fp8_is_refused_plainly():
     with pytest.raises(ValueError, match="use_fp8=True needs kiln's FP8 quantization"):
         kiln.AutoModelForCausalLM.from_pretrained("smollm2", use_fp8=True)
+
+
+def test_beam_search_through_llm_generate(tiny):
+    model, kiln_model = tiny
+    ids = [3, 17, 42, 9]
+    params = kiln.SamplingParams(max_tokens=8, temperature=0.0, use_beam_search=True, beam_width=3, n=2)
+    out = kiln_model.llm.generate(ids, params)
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, num_beams=3,
+                              num_return_sequences=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    for o, row, score in zip(out.outputs, want.sequences, want.sequences_scores):
+        tokens = row[len(ids):].tolist()
+        assert o.token_ids == tokens[: len(o.token_ids)] and all(t == 5 for t in tokens[len(o.token_ids):])
+        assert abs(o.cumulative_logprob - score.item()) < 1e-4

@@ -20,7 +20,7 @@ import enum
 import inspect
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from .types import DType, Dim, TensorType, canonical_dim

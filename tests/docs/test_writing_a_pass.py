@@ -3,7 +3,6 @@ GeGLU in a traced Gemma and keeps transformers' logits."""
 
 import pathlib
 import re
-import textwrap
 
 import pytest
 import torch

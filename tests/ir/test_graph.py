@@ -7,6 +7,7 @@ from kiln.ir import (Builder, DerivedStorage, SafetensorsStorage, TensorStorage,
                      print_graph, registered_ops, verify)
 from kiln.ir import registry
 from kiln.ir.registry import Ints, default_cost
+from kiln.ir.types import DType  # noqa: F401  (named by a string annotation below)
 
 
 def _graph():

@@ -423,7 +423,7 @@ def _slice(cx, x, dim=0, start=None, end=None, step=1):
 @aten("aten.select.int")
 def _select(cx, x, dim, index):
     d = dim % x.type.rank
-    one = cx.b.core.slice(x, dim=d, start=index, end=None if index == -1 else index + 1 if index >= 0 else index + 1)
+    one = cx.b.core.slice(x, dim=d, start=index, end=None if index == -1 else index + 1)
     return cx.b.core.reshape(one, shape=[s for i, s in enumerate(x.type.shape) if i != d])
 
 

@@ -353,6 +353,14 @@ def _dim_op(fn):
     return convert
 
 
+def _guard(cx, *_):
+    """Comparisons and min/max of sizes only feed export's runtime guards, which kiln drops: the
+    IR checks every op's type against the actual shapes instead."""
+    return None
+
+
+aten("_operator.eq", "_operator.ne", "_operator.lt", "_operator.le", "_operator.gt", "_operator.ge",
+     "torch.sym_min", "torch.sym_max", "torch.sym_not", "_operator.and_", "_operator.or_")(_guard)
 aten("_operator.mul")(_dim_op(dim_mul))
 aten("_operator.add")(_dim_op(dim_add))
 aten("_operator.sub")(_dim_op(dim_sub))

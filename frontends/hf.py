@@ -222,7 +222,10 @@ def _export(wrapper: torch.nn.Module, module: torch.nn.Module, config: Any) -> t
     n = 8
     tokens = torch.zeros(n, dtype=torch.int32, device=device)
     positions = torch.arange(n, dtype=torch.int32, device=device)
-    T = torch.export.Dim("T", min=1, max=max(2, getattr(config, "max_position_embeddings", 1 << 20) or 1 << 20))
+    # Dim.DYNAMIC rather than a named Dim: older torch (2.11) cannot prove some guards a model's
+    # shape arithmetic makes (min(16*T, 32*T) == 16*T) and would refuse a named range; kiln keeps
+    # the token count symbolic either way and checks every op's type itself.
+    T = torch.export.Dim.DYNAMIC
     name = type(module).__name__
     with stage(f"tracing {name} with torch.export"), torch.no_grad():
         try:

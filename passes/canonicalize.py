@@ -136,6 +136,8 @@ STRUCTURE = RuleSet(
          where=_same_type),  # ONNX exporters spell rsqrt as 1/sqrt
     Rule("reciprocal-sqrt", P("core.reciprocal", P("core.sqrt", x)), lambda m, b: b.core.rsqrt(m.x),
          where=_same_type),
+    Rule("outer-product", P("core.matmul", Var("a"), Var("b")), lambda m, b: b.core.mul(m.a, m.b),
+         where=lambda m: m.a.type.shape[-1:] == (1,) and m.b.type.shape[-2:-1] == (1,)),  # one product, no sum
     Rule("x-sigmoid-x", P("core.mul", x, P("core.sigmoid", x)), lambda m, b: b.core.silu(m.x), where=_same_type),
     Rule("slice-open-end", P("core.slice", x), _open_slice, where=_slice_to_end),
     Rule("reshape-explicit", P("core.reshape", x), _explicit_reshape,

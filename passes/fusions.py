@@ -51,7 +51,13 @@ def _rms_norm(m: Match, b: Builder) -> Value:
 # --- rope -----------------------------------------------------------------------------------------
 
 _emb = P("core.concat", Var("freqs"), Var("freqs"), name="emb")
-_freqs = P("core.mul", P("core.cast", P("core.reshape", Var("positions"), name="pos3")), Var("inv_freq"))
+_pos = P("core.cast", P("core.reshape", Var("positions"), name="pos3"))
+_freqs = OneOf(
+    P("core.mul", _pos, Var("inv_freq")),
+    # inv_freq[None, :, None] @ positions[:, None, :], transposed (transformers' rotary modules
+    # before 5.2x): an outer product that canonicalize turns into a broadcast multiply
+    P("core.permute", P("core.mul", P("core.reshape", Var("inv_freq")), _pos), attrs={"dims": (0, 2, 1)}),
+)
 
 
 def _trig(fn: str, name: str) -> P:

@@ -164,3 +164,25 @@ def test_a_fusion_that_cannot_apply_says_why():
                  print_after_all=True, print_changed=True, stream=out)
     assert out.getvalue() == ("// fuse-rms-norm: no change\n//   rule rms-norm: none of the 2 core.mul ops is the "
                               "root of its pattern (or its where= check failed)\n")
+
+
+def test_rope_from_the_outer_product_spelling():
+    """transformers' rotary modules before 5.2x: inv_freq[None, :, None] @ positions[:, None, :], transposed."""
+    import textwrap
+
+    from kiln.ir import parse
+    from kiln.passes.manager import run_pipeline
+    from kiln.testing import assert_same_function
+
+    before = CASES["rope_rotate_half"][1].replace(
+        "  %2 = core.mul(%1, @inv_freq) : f32[1,T,4]\n",
+        "  %20 = core.reshape(@inv_freq) {shape=[1,4,1]} : f32[1,4,1]\n"
+        "  %21 = core.reshape(%positions) {shape=[1,1,T]} : i32[1,1,T]\n"
+        "  %23 = core.cast(%21) {dtype=f32} : f32[1,1,T]\n"
+        "  %22 = core.matmul(%20, %23) : f32[1,4,T]\n"
+        "  %2 = core.permute(%22) {dims=[0,2,1]} : f32[1,T,4]\n")
+    graph = parse(textwrap.dedent(before).lstrip())
+    original = graph.clone()
+    run_pipeline(graph, "canonicalize,fuse-rope,canonicalize,dce")
+    assert graph.op_counts().get("llm.rope") == 1 and "core.matmul" not in graph.op_counts()
+    assert_same_function(original, graph, {"T": 6})

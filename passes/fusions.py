@@ -56,7 +56,7 @@ _freqs = OneOf(
     P("core.mul", _pos, Var("inv_freq")),
     # inv_freq[None, :, None] @ positions[:, None, :], transposed (transformers' rotary modules
     # before 5.2x): an outer product that canonicalize turns into a broadcast multiply
-    P("core.permute", P("core.mul", P("core.reshape", Var("inv_freq")), _pos), attrs={"dims": (0, 2, 1)}),
+    P("core.permute", P("core.mul", Var("inv_freq"), _pos), attrs={"dims": (0, 2, 1)}),  # inv_freq as [1, D/2, 1]
 )
 
 
@@ -82,7 +82,8 @@ def _rope_sources(m: Match) -> tuple[Value, Value, float] | None:
         return None
     if positions.type.dtype not in (DType.i32, DType.i64):
         return None
-    if inv_freq.type.shape != (m.x.type.shape[3] // 2,):
+    half = m.x.type.shape[3] // 2
+    if inv_freq.type.shape not in ((half,), (1, half, 1)):
         return None
     return positions, inv_freq, scales.pop()
 
@@ -90,6 +91,8 @@ def _rope_sources(m: Match) -> tuple[Value, Value, float] | None:
 def _rope(m: Match, b: Builder) -> Value:
     positions, inv_freq, scale = _rope_sources(m)
     tokens = m.x.type.shape[2]
+    if inv_freq.type.rank != 1:
+        inv_freq = b.core.reshape(inv_freq, shape=[m.x.type.shape[3] // 2])
     x = b.core.permute(m.x, dims=[0, 2, 1, 3])                        # [1, T, H, D]
     pos = b.core.reshape(positions, shape=[1, tokens])
     out = b.llm.rope(x, pos, b.core.cast(inv_freq, dtype=DType.f32) if inv_freq.type.dtype is not DType.f32 else inv_freq,

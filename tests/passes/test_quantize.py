@@ -1,0 +1,319 @@
+"""The quantize pass and calibration: Before/Expected IR, exact numerics against a hand-computed
+dequantize(quantize(w)), exclude patterns, option errors, and perplexity of SmolLM2 quantized."""
+
+import io
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kiln.ir import TensorStorage, interpreter, parse, print_graph
+from kiln.passes.calibrate import (
+    InputStats,
+    calib_windows,
+    calibrate,
+    calibrate_text,
+    eval_windows,
+    load_calibration,
+    perplexity,
+    pydoc_tokens,
+    save_calibration,
+)
+from kiln.passes.manager import PassError, PassManager, run_pipeline
+from kiln.passes.quantize import QuantAlgo, QuantConfig, quantize_with
+
+
+def ir(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+BEFORE = ir("""
+    param @fc.weight : f32[4,8]
+    param @fc.bias : f32[4]
+    param @lm_head.weight : f32[6,4]
+    func @main(%x: f32[T,8]) -> (f32[T,6]) {
+      %0 = llm.linear(%x, @fc.weight, @fc.bias) : f32[T,4]
+      %1 = llm.linear(%0, @lm_head.weight) : f32[T,6]
+      return %1
+    }
+    """)
+
+
+def _graph(text: str = BEFORE, seed: int = 0):
+    g = parse(text)
+    gen = torch.Generator().manual_seed(seed)
+    for v in g.params.values():
+        v.storage = TensorStorage(torch.randn(*v.type.shape, generator=gen))
+    return g
+
+
+def _run(g, x):
+    return interpreter.run(g, x)[0]
+
+
+def test_w8a16_before_expected_and_exact_numerics():
+    before = _graph()
+    w, bias, head = (before.params[n].storage.load() for n in ("fc.weight", "fc.bias", "lm_head.weight"))
+    after = before.clone()
+    out = io.StringIO()
+    run_pipeline(after, "quantize{algo=w8a16}", print_after_all=True, stream=out)
+    assert print_graph(after) == ir("""
+        param @fc.bias : f32[4]
+        param @lm_head.weight : f32[6,4]
+        param @fc.weight.int8 : i8[4,8]
+        param @fc.weight.scale : f32[4]
+        func @main(%x: f32[T,8]) -> (f32[T,6]) {
+          %2 = quant.dequantize(@fc.weight.int8, @fc.weight.scale) {axis=0} : f32[4,8]
+          %0 = llm.linear(%x, %2, @fc.bias) : f32[T,4]
+          %1 = llm.linear(%0, @lm_head.weight) : f32[T,6]
+          return %1
+        }
+        """)
+    assert "(1 changes)" in out.getvalue()
+    # the hand-computed reference: symmetric int8, one scale per output row, round half to even
+    scale = w.abs().amax(1) / 127
+    q = torch.round(w / scale[:, None]).clamp(-128, 127)
+    assert torch.equal(after.params["fc.weight.int8"].storage.load(), q.to(torch.int8))
+    assert torch.equal(after.params["fc.weight.scale"].storage.load(), scale)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    want = F.linear(F.linear(x, q * scale[:, None], bias), head)
+    assert torch.equal(_run(after, x), want)
+    # and close to the float graph: each weight moves by at most half a step
+    assert ((q * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
+    torch.testing.assert_close(_run(after, x), _run(before, x), atol=0.05, rtol=0.02)
+
+
+def test_fp8_per_tensor_before_expected_and_exact_numerics():
+    before = _graph()
+    w, bias, head = (before.params[n].storage.load() for n in ("fc.weight", "fc.bias", "lm_head.weight"))
+    after = before.clone()
+    assert quantize_with(after, "fp8", {"fc.weight": InputStats(torch.tensor([1.0, 2.0, 3.5, 0.5] * 2))}) == 1
+    assert print_graph(after) == ir("""
+        param @fc.bias : f32[4]
+        param @lm_head.weight : f32[6,4]
+        param @fc.weight.fp8 : f8e4m3[4,8]
+        param @fc.weight.scale : f32[]
+        param @fc.weight.input_scale : f32[]
+        func @main(%x: f32[T,8]) -> (f32[T,6]) {
+          %2 = quant.quantize(%x, @fc.weight.input_scale) {dtype=f8e4m3} : f8e4m3[T,8]
+          %3 = quant.dequantize(%2, @fc.weight.input_scale) : f32[T,8]
+          %4 = quant.dequantize(@fc.weight.fp8, @fc.weight.scale) : f32[4,8]
+          %0 = llm.linear(%3, %4, @fc.bias) : f32[T,4]
+          %1 = llm.linear(%0, @lm_head.weight) : f32[T,6]
+          return %1
+        }
+        """)
+    x_scale, w_scale = torch.tensor(3.5 / 448), w.abs().amax() / 448
+    assert after.params["fc.weight.input_scale"].storage.load() == x_scale
+    x = 3 * torch.randn(5, 8, generator=torch.Generator().manual_seed(1))   # some of it saturates at 3.5
+    xq = (x / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * x_scale
+    wq = (w / w_scale).to(torch.float8_e4m3fn).float() * w_scale
+    assert torch.equal(_run(after, x), F.linear(F.linear(xq, wq, bias), head))
+    inside = x.clamp(-3.5, 3.5)                                             # e4m3 keeps 3 mantissa bits
+    torch.testing.assert_close(_run(after, inside), _run(before, inside), atol=0.3, rtol=0.13)
+
+
+def test_fp8_per_channel_weights_and_per_token_activations():
+    before = _graph()
+    w, bias, head = (before.params[n].storage.load() for n in ("fc.weight", "fc.bias", "lm_head.weight"))
+    after = before.clone()
+    run_pipeline(after, "quantize{algo=fp8_per_channel}")
+    assert print_graph(after) == ir("""
+        param @fc.bias : f32[4]
+        param @lm_head.weight : f32[6,4]
+        param @fc.weight.fp8 : f8e4m3[4,8]
+        param @fc.weight.scale : f32[4]
+        func @main(%x: f32[T,8]) -> (f32[T,6]) {
+          %2 = core.abs(%x) : f32[T,8]
+          %3 = core.amax(%2) {dims=[1]} : f32[T]
+          %4 = core.clamp(%3) {min=1e-06} : f32[T]
+          %5 = core.constant() {value=448.0, dtype=f32} : f32[]
+          %6 = core.div(%4, %5) : f32[T]
+          %7 = quant.quantize(%x, %6) {dtype=f8e4m3, axis=0} : f8e4m3[T,8]
+          %8 = quant.dequantize(%7, %6) {axis=0} : f32[T,8]
+          %9 = quant.dequantize(@fc.weight.fp8, @fc.weight.scale) {axis=0} : f32[4,8]
+          %0 = llm.linear(%8, %9, @fc.bias) : f32[T,4]
+          %1 = llm.linear(%0, @lm_head.weight) : f32[T,6]
+          return %1
+        }
+        """)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    x[2] *= 100                                                   # one loud token does not cost the others
+    x[3] = 0                                                      # and a silent one stays zero
+    x_scale = x.abs().amax(1, keepdim=True).clamp(min=1e-6) / 448
+    w_scale = w.abs().amax(1, keepdim=True) / 448
+    xq = (x / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+    wq = (w / w_scale).to(torch.float8_e4m3fn).float() * w_scale
+    assert torch.equal(_run(after, x), F.linear(F.linear(xq, wq, bias), head))
+    assert ((xq - x).abs() <= x.abs() / 16 + x_scale * 2**-9).all()    # half a step of 3 mantissa bits
+    got, want = _run(after, x), _run(before, x)
+    assert ((got - want).norm(dim=1) <= 0.1 * want.norm(dim=1)).all()  # every token, the quiet ones too
+    # tokens in a [1, T, K] input are still rows: the same numbers through a reshape
+    batched = _graph(BEFORE.replace("f32[T,", "f32[1,T,"))
+    run_pipeline(batched, "quantize{algo=fp8-per-channel}")
+    assert "core.reshape(%x) {shape=[T,8]} : f32[T,8]" in print_graph(batched)
+    assert torch.equal(_run(batched, x[None])[0], _run(after, x))
+
+
+def test_a_weight_read_by_two_linears_is_quantized_once():
+    g = _graph(BEFORE.replace("llm.linear(%0, @lm_head.weight) : f32[T,6]", "llm.linear(%x, @fc.weight) : f32[T,4]")
+               .replace("-> (f32[T,6])", "-> (f32[T,4], f32[T,4])").replace("return %1", "return %0, %1"))
+    assert quantize_with(g, "w8a16") == 2
+    assert [n for n in g.params if "fc.weight" in n] == ["fc.weight.int8", "fc.weight.scale"]
+
+
+def test_shared_weight_stays_and_computed_weight_is_skipped_with_a_remark():
+    text = ir("""
+        param @emb.weight : f32[16,8]
+        param @w.weight : f32[8,8]
+        func @main(%tokens: i32[T]) -> (f32[T,16], f32[T,8]) {
+          %0 = llm.embedding(@emb.weight, %tokens) : f32[T,8]
+          %1 = llm.linear(%0, @emb.weight) : f32[T,16]
+          %2 = core.neg(@w.weight) : f32[8,8]
+          %3 = llm.linear(%0, %2) : f32[T,8]
+          return %1, %3
+        }
+        """)
+    g = _graph(text)
+    pm = PassManager("quantize")
+    pm.run(g)
+    assert (pm.records[0].changes, pm.records[0].remarks) == (
+        1, ["linear at %3 is not quantized: its weight %2 is computed, not a parameter"])
+    assert "@emb.weight : f32[16,8]" in print_graph(g) and "@emb.weight.int8 : i8[16,8]" in print_graph(g)
+    assert "llm.embedding(@emb.weight, %tokens)" in print_graph(g)
+    again = io.StringIO()
+    run_pipeline(g, "quantize", print_after_all=True, print_changed=True, stream=again)
+    assert again.getvalue() == (
+        "// quantize: no change\n"
+        "//   linear at %1 is not quantized: its weight %4 is computed, not a parameter\n"
+        "//   linear at %3 is not quantized: its weight %2 is computed, not a parameter\n")
+
+
+@pytest.mark.parametrize("exclude, kept", [
+    ("fc", {"fc.weight"}),                          # a module name
+    ("*.bias|fc.weight", {"fc.weight"}),            # the weight's own name, among others
+    ("nothing", set()),                             # lm_head is quantized once it is not excluded
+    ("lm_head|*.lm_head", {"lm_head.weight"}),      # the default, spelled out
+])
+def test_exclude_patterns(exclude, kept):
+    g = _graph()
+    out = io.StringIO()
+    run_pipeline(g, f"quantize{{algo=w8a16,exclude={exclude}}}", print_diff=True, stream=out)
+    float_weights = {n for n in ("fc.weight", "lm_head.weight") if n in g.params}
+    assert float_weights == kept
+    assert {n for n in g.params if n.endswith(".int8")} == {f"{n}.int8" for n in {"fc.weight", "lm_head.weight"} - kept}
+
+
+def test_excluded_linear_is_remarked():
+    pm = PassManager("quantize{exclude=fc|lm_head}")
+    pm.run(_graph())
+    assert pm.records[0].changes == 0
+    assert pm.records[0].remarks == ["linear at %0 is not quantized: excluded by 'fc'",
+                                     "linear at %1 is not quantized: excluded by 'lm_head'"]
+
+
+def test_fp8_skips_a_linear_the_calibration_never_saw(tmp_path):
+    save_calibration({"lm_head.weight": InputStats(torch.ones(4))}, tmp_path / "c.safetensors")
+    pm = PassManager(f"quantize{{algo=fp8,exclude=,calib={tmp_path / 'c.safetensors'}}}")
+    g = pm.run(_graph())
+    assert (pm.records[0].changes, pm.records[0].remarks) == (
+        1, ["linear at %0 is not quantized: the calibration has no input scale for @fc.weight"])
+    assert "@fc.weight : f32[4,8]" in print_graph(g) and "@lm_head.weight.fp8" in print_graph(g)
+
+
+def test_unknown_algo_lists_the_known_ones():
+    with pytest.raises(PassError, match="unknown quantization algorithm 'int3'; known: fp8, fp8-per-channel, "
+                                        "w8a16, w4a16-awq, int8-sq, fp8-kv"):
+        run_pipeline(_graph(), "quantize{algo=int3}")
+    with pytest.raises(ValueError, match="unknown quantization algorithm"):
+        QuantConfig("fp16")
+
+
+def test_algorithms_not_done_yet_say_what_exists():
+    for algo in ("w4a16-awq", "int8_sq", "W4A16_AWQ"):
+        with pytest.raises(ValueError, match="not implemented yet; implemented: w8a16, fp8, fp8-per-channel"):
+            QuantConfig(algo)
+    with pytest.raises(ValueError, match="fp8-kv is not implemented yet"):
+        QuantConfig("w8a16", kv_cache_quant_algo="fp8-kv")
+    with pytest.raises(ValueError, match="fp8-kv is a kv_cache_quant_algo"):
+        QuantConfig(QuantAlgo.FP8_KV)
+    with pytest.raises(PassError, match="fp8 quantizes activations with calibrated scales"):
+        run_pipeline(_graph(), "quantize{algo=fp8}")
+
+
+CALIB = ir("""
+    param @emb : f32[16,8]
+    param @up.weight : f32[12,8]
+    param @down.weight : f32[8,12]
+    func @main(%tokens: i32[T]) -> (f32[T,8]) {
+      %0 = llm.embedding(@emb, %tokens) : f32[T,8]
+      %1 = llm.linear(%0, @up.weight) : f32[T,12]
+      %2 = core.silu(%1) : f32[T,12]
+      %3 = llm.linear(%2, @down.weight) : f32[T,8]
+      return %3
+    }
+    """)
+
+
+def test_calibrate_records_per_channel_input_amax_and_feeds_the_pass(tmp_path):
+    g = _graph(CALIB)
+    emb, up = g.params["emb"].storage.load(), g.params["up.weight"].storage.load()
+    windows = [torch.tensor([1, 2, 3]), torch.tensor([4, 5, 3, 9])]
+    calib = calibrate(g, windows, progress=False)
+    assert set(calib) == {"up.weight", "down.weight"}
+    seen = emb[torch.tensor([1, 2, 3, 4, 5, 9])]
+    assert torch.equal(calib["up.weight"].channel_amax, seen.abs().amax(0))
+    hidden = torch.cat([F.silu(F.linear(emb[w], up)) for w in windows])   # per window, as the graph ran them
+    assert torch.equal(calib["down.weight"].channel_amax, hidden.abs().amax(0))
+    assert calib["up.weight"].amax == float(seen.abs().max())
+    save_calibration(calib, tmp_path / "calib.safetensors")
+    loaded = load_calibration(tmp_path / "calib.safetensors")
+    assert loaded.keys() == calib.keys() and all(torch.equal(loaded[n].channel_amax, calib[n].channel_amax) for n in calib)
+    by_pipeline, by_python = g.clone(), g.clone()
+    run_pipeline(by_pipeline, f"quantize{{algo=fp8,calib={tmp_path / 'calib.safetensors'}}}")
+    assert quantize_with(by_python, "fp8", calib) == 2
+    assert print_graph(by_pipeline) == print_graph(by_python)
+    assert torch.equal(interpreter.run(by_pipeline, windows[1].int())[0], interpreter.run(by_python, windows[1].int())[0])
+
+
+def test_calibrate_text_tokenizes_user_text_and_keeps_the_second_half_out():
+    g = _graph(CALIB)
+    tokenizer = lambda text, add_special_tokens: {"input_ids": [ord(c) % 16 for c in text]}
+    text = "abcdefgh" + "pppppppp"                     # only "abcdefgh" (ids 1..8) is for calibration
+    calib = calibrate_text(g, tokenizer, text=text, samples=2, length=4, progress=False)
+    emb = g.params["emb"].storage.load()
+    assert torch.equal(calib["up.weight"].channel_amax, emb[1:9].abs().amax(0))
+    with pytest.raises(ValueError, match="give text or tokens, not both"):
+        calibrate_text(g, tokenizer, text=text, tokens=[1, 2])
+
+
+def test_calibration_and_evaluation_windows_are_disjoint():
+    stream = torch.arange(1000)
+    cal, ev = calib_windows(stream, 4, 100), eval_windows(stream, 4, 100)
+    assert not set(torch.cat(cal).tolist()) & set(torch.cat(ev).tolist())
+    assert torch.equal(torch.cat(ev), stream[600:])
+    with pytest.raises(ValueError, match="only half of the 1000 are for calibration"):
+        calib_windows(stream, 6, 100)
+
+
+# -- accuracy on the real model ------------------------------------------------------------------
+
+def test_smollm2_perplexity_w8a16_and_fp8s(smollm2):
+    graph, _, tokenizer = smollm2
+    g = graph.clone()
+    run_pipeline(g, "stateless")
+    stream = pydoc_tokens(tokenizer)
+    calib = calibrate(g, calib_windows(stream, 16, 128), progress=False)
+    held_out = eval_windows(stream, 8, 128)
+    figures = {"f32": perplexity(g, held_out)}
+    for algo in ("w8a16", "fp8", "fp8-per-channel"):
+        q = g.clone()
+        assert quantize_with(q, algo, calib) == 120                       # 30 layers x (qkv, o, gate/up, down)
+        assert "@model.embed_tokens.weight" in print_graph(q)             # the tied lm_head stays float
+        figures[algo] = perplexity(q, held_out)
+    print("\nSmolLM2-135M perplexity on pydoc_data.topics (8 x 128 held-out tokens, 16 x 128 to calibrate): "
+          + ", ".join(f"{k} {v:.3f} ({100 * (v / figures['f32'] - 1):+.2f}%)" for k, v in figures.items()))
+    assert 5 < figures["f32"] < 60
+    assert figures["w8a16"] < figures["f32"] * 1.02
+    assert figures["fp8"] < figures["f32"] * 1.10
+    assert figures["fp8-per-channel"] < figures["f32"] * 1.10

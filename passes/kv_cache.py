@@ -19,6 +19,14 @@ from ..ir.types import DType, TensorType, dim_add
 from .manager import register_pass, remark
 
 METADATA = ("slot_mapping", "block_tables", "context_lens", "query_start", "logits_indices")
+SERVING_INPUTS = ("tokens", "positions", *METADATA)
+"""The serving graph's inputs before the per-layer caches, in order: the contract with the runtime."""
+
+
+def _metadata_types(tokens: str, seqs: str) -> dict[str, TensorType]:
+    return {"slot_mapping": TensorType(DType.i64, (tokens,)), "block_tables": TensorType(DType.i32, (seqs, "MB")),
+            "context_lens": TensorType(DType.i32, (seqs,)), "query_start": TensorType(DType.i32, (dim_add(seqs, 1),)),
+            "logits_indices": TensorType(DType.i64, ("N",))}
 
 
 class ServingGraphError(ValueError):
@@ -66,14 +74,8 @@ def kv_cache(graph: Graph, *, block: int = 16, kv_dtype: str = "auto") -> int:
         remark("no attention to page: the graph has no llm.attention (run fuse-attention first)")
         return 0
     b = Builder(graph)
-    seqs = "B"
-    meta = {
-        "slot_mapping": b.input("slot_mapping", TensorType(DType.i64, (tokens,))),
-        "block_tables": b.input("block_tables", TensorType(DType.i32, (seqs, "MB"))),
-        "context_lens": b.input("context_lens", TensorType(DType.i32, (seqs,))),
-        "query_start": b.input("query_start", TensorType(DType.i32, (dim_add(seqs, 1),))),
-        "logits_indices": b.input("logits_indices", TensorType(DType.i64, ("N",))),
-    }
+    types = _metadata_types(tokens, "B")
+    meta = {name: b.input(name, types[name]) for name in METADATA}
     for layer, op in enumerate(attentions):
         _page(graph, op, layer, block, kv_dtype, meta)
     head = _lm_head(graph)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence as Seq
 import torch
 
 from ..ir.graph import Graph
+from ..passes.kv_cache import SERVING_INPUTS
 from .blocks import BlockPool
 from .config import BuildConfig, KvCacheConfig, available_host_memory
 from .detokenizer import IncrementalDetokenizer, StopChecker
@@ -20,7 +21,7 @@ from .sampling import SamplingParams, request_generator, sample
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 
 CPU_POOL_TOKENS = 65536
-METADATA = ("tokens", "positions", "slot_mapping", "block_tables", "context_lens", "query_start", "logits_indices")
+METADATA = SERVING_INPUTS
 
 
 class RequestError(ValueError):

@@ -45,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-after-failure", action="store_true", help="print the IR when a pass fails")
     p.add_argument("--diff", action="store_true", help="show what each pass changed as a unified diff")
     p.add_argument("--dump-dir", metavar="DIR", help="write the IR after each pass to DIR/NN-pass.ir")
-    p.add_argument("--format", choices=("text", "dot", "json"), default="text", help="output format of the result")
+    p.add_argument("--format", choices=("text", "dot", "json", "onnx", "trt"), default="text",
+                   help="output format of the result; onnx: an ONNX model in standard ops (-o FILE.onnx), trt: a "
+                        "TensorRT network folder with kiln's plugins (-o DIR)")
     p.add_argument("--stats", action="store_true", help="count ops, parameter bytes, FLOPs and bytes moved")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="a symbolic dim's value for --stats")
     p.add_argument("--timing", action="store_true", help="time each pass")
@@ -118,6 +120,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         pm.run(graph)
     elif instrumented or args.dump_dir or args.timing:
         raise CommandError("--print-*, --diff, --dump-dir and --timing need --pipeline")
+    if args.format in ("onnx", "trt"):
+        out.write(write_network(graph, args.format, args.output))
+        if args.stats:
+            out.write(format_stats(graph_stats(graph, dims)))
+        return 0
     result = {"text": lambda: print_graph(graph, locs=args.locs), "dot": lambda: to_dot(graph),
               "json": lambda: to_json(graph)}[args.format]
     if args.output:
@@ -128,6 +135,34 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.stats:
         out.write(format_stats(graph_stats(graph, dims)))
     return 0
+
+
+def write_network(graph: Graph, fmt: str, output: str | None) -> str:
+    """--format onnx / trt: the graph at this stage as an ONNX file or a TensorRT network folder."""
+    if output is None:
+        raise CommandError(f"--format {fmt} writes files: name them with -o "
+                           f"({'FILE.onnx' if fmt == 'onnx' else 'a folder'})")
+    if fmt == "onnx":
+        from ..backends.onnx import OnnxExportError, export
+
+        try:
+            written = export(graph, output)
+        except OnnxExportError as e:
+            raise CommandError(str(e)) from None
+        return f"wrote {written.path}" + (f" and {written.external_data}" if written.external_data else "") + "\n"
+    from ..backends.onnx import OnnxExportError
+    from ..backends.trt import export_network
+
+    try:
+        folder = export_network(graph, output)
+    except (OnnxExportError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    plugins = ", ".join(f"{n} x{c}" for n, c in folder.plugin_nodes.items()) or "none"
+    lines = [f"wrote the TensorRT network to {folder.folder} (kiln plugin nodes: {plugins})",
+             f"build it with kiln: {folder.kiln_build()}"]
+    if folder.trtexec() is not None:
+        lines.append(f"or with trtexec: {folder.trtexec()}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def _all_reduce(x: TensorType, *, reduce: str) -> TensorType:
 @op("dist.all_reduce", infer=_all_reduce, side_effects=True)
 def all_reduce(x, *, reduce: str = "sum"):
     """Combine partial results of row-parallel layers across ranks."""
-    y = x.clone()
+    y = x.clone(memory_format=torch.contiguous_format)  # collectives take dense tensors
     if _world_size() > 1:
         torch_dist.all_reduce(y, op=getattr(torch_dist.ReduceOp, _REDUCE_OPS[reduce]))
     return y

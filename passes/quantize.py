@@ -1,19 +1,25 @@
-"""The `quantize` pass: replace the float weight of each chosen `llm.linear` by a quantized
-parameter and its scale, dequantized in the graph (`quant.dequantize`), and for FP8 also
-quantize-dequantize the linear's input with a calibrated scale. A backend's fusion pass later
-folds the Q/DQ pairs into quantized GEMMs; on the reference interpreter the graph runs as is.
+"""What to quantize (`QuantAlgo`, `QuantConfig`) and the `quantize` pass, which replaces the float
+weight of each chosen `llm.linear` by a quantized parameter with its scale (and zero point),
+dequantized in the graph (`quant.dequantize`), quantize-dequantizes the linear's input where the
+algorithm quantizes activations, and puts the KV cache through e4m3 for FP8 KV. A backend's
+fusion pass (`fuse-quantized-linear`) later folds the Q/DQ pairs into quantized GEMMs; on the
+reference interpreter the Q/DQ graph runs as it is and is the numerics oracle.
 
     %0 = llm.linear(%x, @w)
 becomes, for W8A16 (int8 weights, one scale per output channel):
     %1 = quant.dequantize(@w.int8, @w.scale) {axis=0}
     %0 = llm.linear(%x, %1)
+for W4A16 (int4 in groups of G input channels, asymmetric, AutoAWQ's rounding):
+    %1 = quant.dequantize(@w.int4, @w.scale, @w.zero) {axis=1, group_size=G}
 for FP8 (e4m3 weights and activations, one calibrated scale each):
     %2 = quant.quantize(%x, @w.input_scale) {dtype=f8e4m3}
     %3 = quant.dequantize(%2, @w.input_scale)
     %1 = quant.dequantize(@w.fp8, @w.scale)
-    %0 = llm.linear(%3, %1)
-and for FP8_PER_CHANNEL the weight scale is per output channel and the activation scale is
-computed at run time per token: amax(|x|, last dim) / 448.
+and for FP8_PER_CHANNEL and W8A8_SQ the weight scale is per output channel and the activation
+scale is computed at run time per token: amax(|x|, last dim) / 448 (or / 127 for int8).
+LLM.int8() splits the linear first (passes/llm_int8.py). FP8 KV puts the k and v operands of each
+`llm.attention` through e4m3 with a calibrated scale per tensor; the kv-cache pass turns that
+into an e4m3 cache.
 
 The quantized weight and its scale are computed lazily from the original weight's storage, on
 first load; the original parameter is dropped when nothing else reads it.
@@ -24,81 +30,241 @@ from __future__ import annotations
 import enum
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Op, Value
-from ..ir.ops.quant import _FP8_MAX, _INT_RANGE
+from ..ir.ops.quant import _FP8_MAX, per_token_qdq, qmax, static_qdq
 from ..ir.storage import DerivedStorage, Storage, TensorStorage
-from ..ir.types import DType, TensorType, dim_product
-from .calibrate import Calibration, InputStats, load_calibration
-from .manager import register_pass, remark
+from ..ir.types import DType, TensorType
+from .calibrate import (
+    Calibration,
+    InputStats,
+    attach_calibration,
+    attached_calibration,
+    load_calibration,
+)
+from .manager import PassManager, register_pass, remark
 
 
 class QuantAlgo(enum.Enum):
     """The quantization algorithms kiln knows, by their short names (`quant="fp8"`)."""
 
-    FP8 = "fp8"                          # e4m3 weights and activations, one scale per tensor
-    FP8_PER_CHANNEL = "fp8-per-channel"  # e4m3 weights per output channel, activations per token
+    FP8 = "fp8"                          # e4m3 weights and activations, one scale per tensor (activations calibrated)
+    FP8_PER_CHANNEL = "fp8-per-channel"  # e4m3 weights per output channel, activations per token at run time
+    W8A8_SQ = "w8a8-sq"                  # SmoothQuant: int8 weights per channel, activations per token
+    W4A16_AWQ = "w4a16-awq"              # int4 weights in groups, after AWQ's activation-aware scales and clipping
+    W4A16 = "w4a16"                      # int4 weights in groups, plain round to nearest (AWQ's baseline)
     W8A16 = "w8a16"                      # int8 weights per output channel, float activations
-    W4A16_AWQ = "w4a16-awq"              # int4 weights in groups, AWQ's activation-aware scales
-    INT8_SQ = "int8-sq"                  # SmoothQuant: int8 weights per channel, activations per token
-    FP8_KV = "fp8-kv"                    # the KV cache in e4m3 (kv_cache_quant_algo)
+    LLM_INT8 = "llm.int8"                # LLM.int8(): vector-wise int8, outlier input features kept in float
+    FP8_KV = "fp8-kv"                    # the KV cache in e4m3 (a kv_cache_quant_algo)
 
     @classmethod
     def parse(cls, name: str | QuantAlgo) -> QuantAlgo:
-        """`QuantAlgo` from its short name, case and `_`/`-` insensitive."""
+        """`QuantAlgo` from its short name or a common alias, case and `_`/`-` insensitive."""
         if isinstance(name, QuantAlgo):
             return name
         key = name.strip().lower().replace("_", "-")
         for a in cls:
             if a.value == key:
                 return a
-        raise ValueError(f"unknown quantization algorithm {name!r}; known: {', '.join(a.value for a in cls)}")
+        if key in _ALIASES:
+            return _ALIASES[key]
+        raise ValueError(f"unknown quantization algorithm {name!r}; known: {', '.join(a.value for a in cls)} "
+                         f"(also {', '.join(sorted(_ALIASES))})")
 
 
-IMPLEMENTED = (QuantAlgo.W8A16, QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL)
+_ALIASES = {
+    "int8-sq": QuantAlgo.W8A8_SQ, "w8a8-sq-per-channel": QuantAlgo.W8A8_SQ, "smoothquant": QuantAlgo.W8A8_SQ,
+    "int4-awq": QuantAlgo.W4A16_AWQ, "awq": QuantAlgo.W4A16_AWQ, "int4-wo": QuantAlgo.W4A16,
+    "int8-wo": QuantAlgo.W8A16, "llm-int8": QuantAlgo.LLM_INT8, "fp8-kv": QuantAlgo.FP8_KV, "kv-fp8": QuantAlgo.FP8_KV,
+    "fp8-per-channel-per-token": QuantAlgo.FP8_PER_CHANNEL,
+}
+"""Other spellings (TensorRT-LLM's, ModelOpt's, the issue's `int8_sq` / `int4_awq` / `int8_wo` / `fp8_kv`)."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What an algorithm does to one linear: the weight's dtype and scale granularity, and whether
+    and how the activation is quantized."""
+
+    weight: DType
+    granularity: str               # "tensor", "channel" (per output channel) or "group" (along K)
+    activation: DType | None       # None: the activation stays float
+    per_token: bool = False        # activation scales computed at run time per token (else calibrated per tensor)
+
+
+SCHEMES: dict[QuantAlgo, Scheme] = {
+    QuantAlgo.W8A16: Scheme(DType.i8, "channel", None),
+    QuantAlgo.W4A16: Scheme(DType.i4, "group", None),
+    QuantAlgo.W4A16_AWQ: Scheme(DType.i4, "group", None),
+    QuantAlgo.FP8: Scheme(DType.f8e4m3, "tensor", DType.f8e4m3),
+    QuantAlgo.FP8_PER_CHANNEL: Scheme(DType.f8e4m3, "channel", DType.f8e4m3, per_token=True),
+    QuantAlgo.W8A8_SQ: Scheme(DType.i8, "channel", DType.i8, per_token=True),
+    QuantAlgo.LLM_INT8: Scheme(DType.i8, "channel", DType.i8, per_token=True),
+}
+"""How each algorithm quantizes a linear (LLM.int8() applies its scheme to the inlier part)."""
+
+_SUFFIX = {DType.i8: "int8", DType.i4: "int4", DType.f8e4m3: "fp8"}
+_FP8_MIN_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how; invalid combinations fail here, before any work is done."""
 
-    quant_algo: QuantAlgo | str = QuantAlgo.W8A16
+    quant_algo: QuantAlgo | str | None = QuantAlgo.W8A16
     kv_cache_quant_algo: QuantAlgo | str | None = None
-    group_size: int = 128               # for w4a16-awq (not yet)
-    smoothquant_val: float = 0.5        # for int8-sq (not yet)
+    group_size: int = 128               # int4: input channels per scale
+    smoothquant_val: float = 0.5        # SmoothQuant's migration strength alpha
     exclude_modules: tuple[str, ...] = ("lm_head", "*.lm_head")  # fnmatch on weight, its module, or op loc
+    zero_point: bool = True             # int4: asymmetric groups with zero points (AutoAWQ's default)
+    int8_threshold: float = 6.0         # LLM.int8(): input features whose calibrated |x| max exceeds this stay float
+    calib_size: int = 128               # calibration windows
+    calib_seq_len: int = 256            # tokens per calibration window
+    calib_rows: int = 512               # AWQ: input rows per linear kept to measure the quantized output error
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        algo = QuantAlgo.parse(self.quant_algo)
+        algo = None if self.quant_algo in (None, "none", "") else QuantAlgo.parse(self.quant_algo)
+        kv = None if self.kv_cache_quant_algo in (None, "none", "") else QuantAlgo.parse(self.kv_cache_quant_algo)
         object.__setattr__(self, "quant_algo", algo)
+        object.__setattr__(self, "kv_cache_quant_algo", kv)
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
         if algo is QuantAlgo.FP8_KV:
-            raise ValueError("fp8-kv is a kv_cache_quant_algo, not a quant_algo for linears")
-        if algo not in IMPLEMENTED:
-            raise ValueError(f"quant_algo {algo.value} is not implemented yet; implemented: "
-                                      f"{', '.join(a.value for a in IMPLEMENTED)}")
-        if self.kv_cache_quant_algo is not None:
-            kv = QuantAlgo.parse(self.kv_cache_quant_algo)
-            if kv is not QuantAlgo.FP8_KV:
-                raise ValueError(f"kv_cache_quant_algo must be fp8-kv, got {kv.value}")
-            raise ValueError("kv_cache_quant_algo fp8-kv is not implemented yet; quantize only "
-                                      "linears for now (kv_cache_quant_algo=None)")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
-        if algo is QuantAlgo.FP8 and self.calibration is None:
-            raise ValueError("fp8 quantizes activations with calibrated scales: pass calibration= (from "
-                             "kiln.passes.calibrate.calibrate), or calib=PATH to the quantize pass")
+            raise ValueError("fp8-kv is a kv_cache_quant_algo, not a quant_algo for linears: "
+                             "QuantConfig(kv_cache_quant_algo='fp8-kv'), or quant='fp8_kv'")
+        if kv is not None and kv is not QuantAlgo.FP8_KV:
+            raise ValueError(f"kv_cache_quant_algo must be fp8-kv (or None), got {kv.value}")
+        if algo is None and kv is None:
+            raise ValueError("QuantConfig quantizes nothing: give a quant_algo, a kv_cache_quant_algo, or both")
+        if algo in (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ) and (
+                self.group_size < 32 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"group_size must be a power of two of at least 32 for int4 (the W4A16 kernels read "
+                             f"whole groups), got {self.group_size}; AutoAWQ's default is 128")
+        if not 0.0 <= self.smoothquant_val <= 1.0:
+            raise ValueError(f"smoothquant_val (alpha) must be in [0, 1], got {self.smoothquant_val}")
+        if self.int8_threshold <= 0:
+            raise ValueError(f"int8_threshold must be positive, got {self.int8_threshold}")
+        if self.calib_size < 1 or self.calib_seq_len < 2 or self.calib_rows < 0:
+            raise ValueError(f"calibration needs calib_size >= 1 windows of calib_seq_len >= 2 tokens, got "
+                             f"{self.calib_size} x {self.calib_seq_len} (calib_rows {self.calib_rows})")
+
+    # -- short forms and files ----------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, quant: str | QuantConfig | Mapping[str, Any]) -> QuantConfig:
+        """A QuantConfig from what a user wrote: one, its JSON dict, or a short form such as "fp8",
+        "int4_awq", "fp8_kv" or "fp8+fp8_kv" (linears and KV cache)."""
+        if isinstance(quant, QuantConfig):
+            return quant
+        if isinstance(quant, Mapping):
+            return cls.from_json(quant)
+        if not isinstance(quant, str):
+            raise TypeError(f"quant must be a short name such as 'fp8' or a QuantConfig, got {type(quant).__name__}")
+        algo, kv = None, None
+        for part in (p for p in quant.split("+") if p.strip()):
+            a = QuantAlgo.parse(part)
+            if a is QuantAlgo.FP8_KV:
+                kv = a
+            elif algo is not None:
+                raise ValueError(f"quant={quant!r} names two algorithms for the linears ({algo.value}, {a.value})")
+            else:
+                algo = a
+        return cls(algo, kv)
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as kiln.json keeps it (no calibration data)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "calibration"}
+        out["quant_algo"] = self.quant_algo.value if self.quant_algo else None
+        out["kv_cache_quant_algo"] = self.kv_cache_quant_algo.value if self.kv_cache_quant_algo else None
+        out["exclude_modules"] = list(self.exclude_modules)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QuantConfig:
+        known = {f.name for f in fields(cls)} - {"calibration"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**{k: tuple(v) if k == "exclude_modules" else v for k, v in data.items()})
+
+    # -- what it takes ------------------------------------------------------------------------------
+
+    @property
+    def scheme(self) -> Scheme | None:
+        return SCHEMES.get(self.quant_algo) if self.quant_algo else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the algorithms need statistics of real activations."""
+        return (self.quant_algo in (QuantAlgo.FP8, QuantAlgo.W8A8_SQ, QuantAlgo.W4A16_AWQ, QuantAlgo.LLM_INT8)
+                or self.kv_cache_quant_algo is QuantAlgo.FP8_KV)
+
+    @property
+    def uses_fp8(self) -> bool:
+        return (self.quant_algo in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL)
+                or self.kv_cache_quant_algo is QuantAlgo.FP8_KV)
+
+    def pipeline(self) -> str:
+        """The passes, after calibration, that apply this config to a stateless graph."""
+        steps, exclude = [], f"exclude={'|'.join(self.exclude_modules)}"
+        if self.quant_algo is QuantAlgo.W8A8_SQ:
+            steps.append(f"smooth{{alpha={self.smoothquant_val},{exclude}}}")
+        if self.quant_algo is QuantAlgo.W4A16_AWQ:
+            steps.append(f"awq{{group_size={self.group_size},zero_point={str(self.zero_point).lower()},{exclude}}}")
+        opts = [f"algo={self.quant_algo.value if self.quant_algo else 'none'}", exclude]
+        if self.quant_algo in (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ):
+            opts += [f"group_size={self.group_size}", f"zero_point={str(self.zero_point).lower()}"]
+        if self.quant_algo is QuantAlgo.LLM_INT8:
+            opts.append(f"threshold={self.int8_threshold}")
+        if self.kv_cache_quant_algo is QuantAlgo.FP8_KV:
+            opts.append("kv=fp8")
+        steps.append("quantize{" + ",".join(opts) + "}")
+        return ",".join(steps)
 
     def excludes(self, op: Op) -> str | None:
         """The exclude pattern that matches this linear (by weight name or loc), if any."""
         w = op.operands[1].name
         names = [w, w.removesuffix(".weight"), op.loc or ""]
         return next((p for p in self.exclude_modules if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+    # -- checks before any work ---------------------------------------------------------------------
+
+    def check_device(self, capability: tuple[int, int] | None) -> None:
+        """FP8 needs a GPU with FP8 tensor cores (compute capability 8.9: Ada, Hopper and later);
+        `capability` None means no GPU (the reference interpreter computes FP8 on the CPU)."""
+        if capability is not None and self.uses_fp8 and tuple(capability) < _FP8_MIN_CAPABILITY:
+            what = " and ".join(a.value for a in (self.quant_algo, self.kv_cache_quant_algo)
+                                if a in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL, QuantAlgo.FP8_KV))
+            raise ValueError(f"{what} needs a GPU with FP8 support (compute capability 8.9 or newer: L4/L40, H100, "
+                             f"...); this GPU is {capability[0]}.{capability[1]}. Use w8a16, w4a16-awq or w8a8-sq "
+                             f"here, or target='reference'")
+
+    def check_graph(self, graph: Graph) -> None:
+        """Fail before calibration when the graph's linears cannot take this config (an int4 group
+        size that does not divide in_features, a packing that needs out_features % 8)."""
+        if self.scheme is None or self.scheme.granularity != "group":
+            return
+        candidates = [op for op in _linears(graph) if _skip_reason(op, self, check_calibration=False) is None]
+        bad = [op for op in candidates if op.operands[1].type.shape[1] % self.group_size
+               or op.operands[1].type.shape[0] % 8]
+        if bad:
+            n, k = bad[0].operands[1].type.shape
+            ks = sorted({op.operands[1].type.shape[1] for op in bad})
+            fits = [g for g in (128, 64, 32) if all(op.operands[1].type.shape[1] % g == 0 for op in candidates)]
+            hint = f"; group_size={fits[0]} divides every in_features" if fits else ""
+            raise ValueError(f"group_size={self.group_size} does not fit {len(bad)} linears: "
+                             f"{bad[0].loc or bad[0].operands[1].name} is [{n}, {k}] (int4 groups need in_features % "
+                             f"group_size == 0, in_features here: {ks}; AutoAWQ's packing needs out_features % 8 "
+                             f"== 0){hint}")
+
+
+def _linears(graph: Graph) -> list[Op]:
+    return [op for op in graph.ops if op.name == "llm.linear"]
 
 
 # -- lazily computed quantized weights -----------------------------------------------------------
@@ -128,25 +294,111 @@ def weight_scale(w: torch.Tensor, qmax: float, axis: int | None) -> torch.Tensor
     return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
-def _qmax(dtype: DType) -> float:
-    return _FP8_MAX[dtype] if dtype in _FP8_MAX else float(_INT_RANGE[dtype][1])
+_INT4_LEVELS = 15   # 2^4 - 1 steps between a group's min and max
 
 
-# -- the rewrite ---------------------------------------------------------------------------------
+def int4_group_params(w: torch.Tensor, group_size: int, zero_point: bool, scale_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AutoAWQ's int4 rounding per group of `group_size` along the last dim: asymmetric
+    scale = (max - min) / 15 with zero = clamp(-round(min / scale), 0, 15), or symmetric
+    scale = amax / 7. Returns (scale in `scale_dtype`, signed zero point = zero - 8 as int8, or None);
+    the zero point is computed from the scale as stored."""
+    g = w.detach().float().reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
+    if not zero_point:
+        scale = (g.abs().amax(-1) / 7).clamp(min=1e-5).to(scale_dtype)
+        return scale, None
+    hi, lo = g.amax(-1), g.amin(-1)
+    scale = ((hi - lo).clamp(min=1e-5) / _INT4_LEVELS).to(scale_dtype)
+    zero = (-torch.round(lo / scale.float())).clamp(0, _INT4_LEVELS) - 8
+    return scale, zero.to(torch.int8)
 
-_PLAN = {QuantAlgo.W8A16: (DType.i8, 0, "int8"), QuantAlgo.FP8: (DType.f8e4m3, None, "fp8"),
-         QuantAlgo.FP8_PER_CHANNEL: (DType.f8e4m3, 0, "fp8")}
-"""algo -> (weight dtype, scale axis of the [out, in] weight or None per tensor, name suffix)."""
+
+@dataclass(eq=False)
+class Int4GroupStorage(Storage):
+    """The scale (`part="scale"`) or signed zero point (`part="zero"`) of each int4 group of a weight."""
+
+    source: Storage
+    group_size: int
+    zero_point: bool
+    part: str
+    type: TensorType
+    scale_dtype: DType = DType.f32
+
+    def load(self) -> torch.Tensor:
+        scale, zero = int4_group_params(self.source.load(), self.group_size, self.zero_point, self.scale_dtype.torch)
+        return scale if self.part == "scale" else zero
+
+    def describe(self) -> str:
+        kind = "asymmetric" if self.zero_point else "symmetric"
+        return f"int4 {self.part} per group of {self.group_size} ({kind}) of ({self.source.describe()})"
 
 
-def _fresh_param(graph: Graph, base: str) -> str:
+
+
+
+def fresh_param(graph: Graph, base: str) -> str:
+    """`base`, or `base.1`, `base.2`... whichever names no parameter yet."""
     name, n = base, 1
     while name in graph.params:
         name, n = f"{base}.{n}", n + 1
     return name
 
 
-def _skip_reason(op: Op, config: QuantConfig) -> str | None:
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """The parameters that replace one float weight: values, scale, and zero point (int4 asymmetric)."""
+
+    values: Value
+    scale: Value
+    zero: Value | None
+    axis: int | None
+    group_size: int | None
+
+    def dequantize(self, b: Builder) -> Value:
+        extra = [self.zero] if self.zero is not None else []
+        attrs = {k: v for k, v in (("axis", self.axis), ("group_size", self.group_size)) if v is not None}
+        return b.quant.dequantize(self.values, self.scale, *extra, **attrs)
+
+
+def quantize_weight(graph: Graph, name: str, storage: Storage, type: TensorType, scheme: Scheme,
+                    config: QuantConfig) -> QuantizedWeight:
+    """Declare the lazily computed parameters that hold `storage` quantized by `scheme`."""
+    dtype = scheme.weight
+    if scheme.granularity == "group":
+        gs = config.group_size
+        shape = (type.shape[0], type.shape[1] // gs)
+        scale_t = TensorType(type.dtype, shape)
+        scale_s = Int4GroupStorage(storage, gs, config.zero_point, "scale", scale_t, type.dtype)
+        zero_t = TensorType(DType.i8, shape)
+        zero_s = Int4GroupStorage(storage, gs, config.zero_point, "zero", zero_t, type.dtype) if config.zero_point else None
+        axis, group = 1, gs
+    else:
+        axis = 0 if scheme.granularity == "channel" else None
+        scale_t = TensorType(type.dtype, () if axis is None else (type.shape[0],))
+        scale_s, zero_s, group = AmaxScaleStorage(storage, qmax(dtype), axis, scale_t), None, None
+    q_type = type.with_dtype(dtype)
+    inputs = [storage, scale_s] + ([zero_s] if zero_s else [])
+    attrs = {"dtype": dtype, "axis": axis, "group_size": group}
+    held = q_type.with_dtype(DType.i8) if dtype is DType.i4 else q_type   # i4 values are computed unpacked
+    values = graph.add_param(fresh_param(graph, f"{name}.{_SUFFIX[dtype]}"), q_type,
+                             DerivedStorage("quant.quantize", inputs, attrs, held))
+    scale = graph.add_param(fresh_param(graph, f"{name}.scale"), scale_t, scale_s)
+    zero = graph.add_param(fresh_param(graph, f"{name}.zero"), zero_s.type, zero_s) if zero_s else None
+    return QuantizedWeight(values, scale, zero, axis, group)
+
+
+# -- activations -----------------------------------------------------------------------------------
+
+def calibrated_qdq(graph: Graph, b: Builder, x: Value, amax: float, dtype: DType, name: str) -> Value:
+    """Quantize-dequantize x with one calibrated scale (amax / qmax) held in a parameter."""
+    s = weight_scale(torch.tensor(amax), qmax(dtype), None).to(x.type.dtype.torch)
+    return static_qdq(b, x, graph.add_param(fresh_param(graph, name), storage=TensorStorage(s)), dtype)
+
+
+# -- the rewrite ---------------------------------------------------------------------------------
+
+def _skip_reason(op: Op, config: QuantConfig, calibration: Calibration | None = None,
+                 check_calibration: bool = True) -> str | None:
     w = op.operands[1]
     where = f"linear at {op.results[0].ref}" + (f" ({op.loc})" if op.loc else "")
     if not w.is_param:
@@ -160,80 +412,110 @@ def _skip_reason(op: Op, config: QuantConfig) -> str | None:
     pattern = config.excludes(op)
     if pattern is not None:
         return f"{where} is not quantized: excluded by {pattern!r}"
-    if config.quant_algo is QuantAlgo.FP8 and w.name not in config.calibration:
-        return f"{where} is not quantized: the calibration has no input scale for {w.ref}"
+    calibrated = config.quant_algo in (QuantAlgo.FP8, QuantAlgo.LLM_INT8)
+    if check_calibration and calibrated and w.name not in (calibration or {}):
+        return f"{where} is not quantized: the calibration has no input statistics for {w.ref}"
     return None
 
 
-def _quantized_weight(graph: Graph, w: Value, dtype: DType, axis: int | None, suffix: str) -> tuple[Value, Value]:
-    scale_type = TensorType(w.type.dtype, () if axis is None else (w.type.shape[axis],))
-    scale_storage = AmaxScaleStorage(w.storage, _qmax(dtype), axis, scale_type)
-    attrs = {"dtype": dtype, "axis": axis, "group_size": None}
-    q_type = w.type.with_dtype(dtype)
-    q = graph.add_param(_fresh_param(graph, f"{w.name}.{suffix}"), q_type,
-                        DerivedStorage("quant.quantize", [w.storage, scale_storage], attrs, q_type))
-    return q, graph.add_param(_fresh_param(graph, w.name + ".scale"), scale_type, scale_storage)
-
-
-def _rewrite(graph: Graph, op: Op, config: QuantConfig, done: dict[str, tuple[Value, Value]]) -> None:
-    dtype, axis, suffix = _PLAN[config.quant_algo]
+def _rewrite(graph: Graph, op: Op, config: QuantConfig, calibration: Calibration | None,
+             done: dict[str, QuantizedWeight]) -> bool:
+    scheme = config.scheme
     x, w = op.operands[0], op.operands[1]
+    if config.quant_algo is QuantAlgo.LLM_INT8:
+        from .llm_int8 import split_outliers
+
+        op = split_outliers(graph, op, calibration[w.name], config.int8_threshold)
+        if op is None:
+            return False
+        x, w = op.operands[0], op.operands[1]
     if w.name not in done:  # a weight read by several linears is quantized once
-        done[w.name] = _quantized_weight(graph, w, dtype, axis, suffix)
-    q, scale = done[w.name]
+        done[w.name] = quantize_weight(graph, w.name, w.storage, w.type, scheme, config)
     b = Builder(graph, before=op, loc=op.loc)
-    if config.quant_algo is QuantAlgo.FP8:
-        stats: InputStats = config.calibration[w.name]
-        s = weight_scale(torch.tensor(stats.amax), _qmax(DType.f8e4m3), None).to(x.type.dtype.torch)
-        x_scale = graph.add_param(_fresh_param(graph, w.name + ".input_scale"), storage=TensorStorage(s))
-        x = b.quant.dequantize(b.quant.quantize(x, x_scale, dtype=DType.f8e4m3), x_scale)
-    elif config.quant_algo is QuantAlgo.FP8_PER_CHANNEL:
-        x = _per_token_fp8(b, x)
-    weight = b.quant.dequantize(q, scale, **({} if axis is None else {"axis": axis}))
-    graph.set_operands(op, (x, weight, *op.operands[2:]))
+    if scheme.activation is not None and scheme.per_token:
+        x = per_token_qdq(b, x, scheme.activation)
+    elif scheme.activation is not None:
+        x = calibrated_qdq(graph, b, x, calibration[w.name].amax, scheme.activation, w.name + ".input_scale")
+    graph.set_operands(op, (x, done[w.name].dequantize(b), *op.operands[2:]))
     if graph.num_uses(w) == 0 and w not in graph.outputs:
         graph.remove_param(w.name)
+    return True
 
 
-def _per_token_fp8(b: Builder, x: Value) -> Value:
-    """Quantize-dequantize x to e4m3 with one dynamic scale per token (row of the last dim)."""
-    k, dt = x.type.shape[-1], x.type.dtype
-    rows = x if x.type.rank == 2 else b.core.reshape(x, shape=[dim_product(x.type.shape[:-1]), k])
-    amax = b.core.clamp(b.core.amax(b.core.abs(rows), dims=[1], keepdim=False), min=_TINY_AMAX)
-    scale = b.core.div(amax, b.constant(_FP8_MAX[DType.f8e4m3], dt))
-    q = b.quant.quantize(rows, scale, dtype=DType.f8e4m3, axis=0)
-    back = b.quant.dequantize(q, scale, axis=0)
-    return back if rows is x else b.core.reshape(back, shape=list(x.type.shape))
-
-
-_TINY_AMAX = 1e-6   # the floor of a token's amax, so that an all-zero token does not divide by zero
-
-
-def quantize_graph(graph: Graph, config: QuantConfig) -> int:
-    """Quantize every eligible linear of `graph` in place; returns how many were quantized."""
-    count, quantized = 0, {}
-    for op in [op for op in graph.ops if op.name == "llm.linear"]:
-        why = _skip_reason(op, config)
-        if why is not None:
-            remark(why)
+def quantize_kv_cache(graph: Graph, calibration: Calibration) -> int:
+    """Put the k and v of every llm.attention through e4m3 with a calibrated scale per tensor
+    (amax / 448): what an FP8 cache stores and reads back. Returns how many attentions."""
+    count = 0
+    for i, op in enumerate([o for o in graph.ops if o.name == "llm.attention"]):
+        names = (f"k_cache.{i}", f"v_cache.{i}")
+        missing = [n for n in names if n not in calibration]
+        if missing:
+            remark(f"attention at {op.results[0].ref} keeps a float KV cache: the calibration has no {missing[0]}")
             continue
-        _rewrite(graph, op, config, quantized)
+        b = Builder(graph, before=op, loc=op.loc)
+        base = op.loc or f"kv.{i}"
+        k, v = (calibrated_qdq(graph, b, x, calibration[n].amax, DType.f8e4m3, f"{base}.{kv}_scale")
+                for x, n, kv in zip(op.operands[1:3], names, "kv"))
+        graph.set_operands(op, (op.operands[0], k, v, *op.operands[3:]))
         count += 1
     return count
 
 
-@register_pass("quantize")
-def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_head", calib: str = "") -> int:
-    """Quantize linears (algo=w8a16|fp8|fp8-per-channel); exclude: '|'-separated fnmatch patterns.
+def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration | None = None) -> int:
+    """Quantize every eligible linear (and the KV cache) of `graph` in place; returns how many
+    linears and attentions were quantized. Calibration comes from the argument, the config, or
+    the one the calibrate pass attached to the graph."""
+    calibration = calibration if calibration is not None else config.calibration
+    if calibration is None:
+        calibration = attached_calibration(graph)
+    if config.needs_calibration and config.quant_algo is not QuantAlgo.W8A8_SQ and calibration is None:
+        raise ValueError(f"{config.pipeline()} quantizes with calibrated statistics: run the calibrate pass first "
+                         f"(calibrate{{tokenizer=MODEL}}), pass calibration= (kiln.passes.calibrate.calibrate), "
+                         f"or calib=FILE to the quantize pass")
+    config.check_graph(graph)
+    count, quantized = 0, {}
+    if config.quant_algo is not None:
+        for op in _linears(graph):
+            why = _skip_reason(op, config, calibration)
+            if why is not None:
+                remark(why)
+                continue
+            count += _rewrite(graph, op, config, calibration, quantized)
+    if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
+        count += quantize_kv_cache(graph, calibration)
+    return count
 
-    calib is a safetensors file of input amax (kiln.passes.calibrate.save_calibration), needed by fp8."""
-    config = QuantConfig(algo, exclude_modules=tuple(p for p in exclude.split("|") if p),
-                         calibration=load_calibration(calib) if calib else None)
-    return quantize_graph(graph, config)
+
+@register_pass("quantize")
+def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_head", calib: str = "",
+             group_size: int = 128, zero_point: bool = True, threshold: float = 6.0, kv: str = "") -> int:
+    """Quantize linears (algo=fp8|fp8-per-channel|w8a8-sq|w4a16|w4a16-awq|w8a16|llm.int8|none) and the
+    KV cache (kv=fp8); exclude: '|'-separated fnmatch patterns.
+
+    Calibrated statistics (fp8, llm.int8, kv=fp8) come from the calibrate pass earlier in the
+    pipeline, or from calib=FILE (kiln.passes.calibrate.save_calibration)."""
+    if kv not in ("", "none", "fp8", "fp8-kv", "fp8_kv"):
+        raise ValueError(f"kv={kv!r}: the KV cache quantizes to fp8 (kv=fp8) or not at all")
+    config = QuantConfig(algo, QuantAlgo.FP8_KV if kv not in ("", "none") else None, group_size=group_size,
+                         exclude_modules=tuple(p for p in exclude.split("|") if p), zero_point=zero_point,
+                         int8_threshold=threshold)
+    return quantize_graph(graph, config, load_calibration(calib) if calib else None)
 
 
 def quantize_with(graph: Graph, algo: QuantAlgo | str, calibration: Mapping[str, InputStats] | None = None,
                   **options) -> int:
-    """Shorthand: quantize_graph(graph, QuantConfig(algo, calibration=..., **options))."""
-    return quantize_graph(graph, QuantConfig(algo, calibration=dict(calibration) if calibration else None,
-                                             **options))
+    """Shorthand: quantize_graph(graph, QuantConfig(algo, **options), calibration)."""
+    return quantize_graph(graph, QuantConfig(algo, **options), dict(calibration) if calibration else None)
+
+
+def apply_quantization(graph: Graph, config: QuantConfig, calibration: Calibration | None = None,
+                       **options: Any) -> PassManager:
+    """Run config's passes (smooth / awq, quantize) on a stateless graph, in place, with `calibration`
+    (or config's) attached; `options` go to the PassManager (printing, timing). Returns the manager,
+    whose records say what each pass did."""
+    calibration = calibration if calibration is not None else config.calibration
+    if calibration is not None:
+        attach_calibration(graph, calibration)
+    pm = PassManager(config.pipeline(), **options)
+    pm.run(graph)
+    return pm

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from kiln.ir import TensorStorage, interpreter, parse, print_graph
 from kiln.passes.calibrate import (
     InputStats,
+    attach_calibration,
     calib_windows,
     calibrate,
     calibrate_text,
@@ -20,7 +21,7 @@ from kiln.passes.calibrate import (
     save_calibration,
 )
 from kiln.passes.manager import PassError, PassManager, run_pipeline
-from kiln.passes.quantize import QuantAlgo, QuantConfig, quantize_with
+from kiln.passes.quantize import QuantAlgo, QuantConfig, quantize_graph, quantize_with
 
 
 def ir(text: str) -> str:
@@ -217,28 +218,158 @@ def test_fp8_skips_a_linear_the_calibration_never_saw(tmp_path):
     pm = PassManager(f"quantize{{algo=fp8,exclude=,calib={tmp_path / 'c.safetensors'}}}")
     g = pm.run(_graph())
     assert (pm.records[0].changes, pm.records[0].remarks) == (
-        1, ["linear at %0 is not quantized: the calibration has no input scale for @fc.weight"])
+        1, ["linear at %0 is not quantized: the calibration has no input statistics for @fc.weight"])
     assert "@fc.weight : f32[4,8]" in print_graph(g) and "@lm_head.weight.fp8" in print_graph(g)
 
 
 def test_unknown_algo_lists_the_known_ones():
     with pytest.raises(PassError, match="unknown quantization algorithm 'int3'; known: fp8, fp8-per-channel, "
-                                        "w8a16, w4a16-awq, int8-sq, fp8-kv"):
+                                        "w8a8-sq, w4a16-awq, w4a16, w8a16, llm.int8, fp8-kv"):
         run_pipeline(_graph(), "quantize{algo=int3}")
     with pytest.raises(ValueError, match="unknown quantization algorithm"):
         QuantConfig("fp16")
 
 
-def test_algorithms_not_done_yet_say_what_exists():
-    for algo in ("w4a16-awq", "int8_sq", "W4A16_AWQ"):
-        with pytest.raises(ValueError, match="not implemented yet; implemented: w8a16, fp8, fp8-per-channel"):
-            QuantConfig(algo)
-    with pytest.raises(ValueError, match="fp8-kv is not implemented yet"):
-        QuantConfig("w8a16", kv_cache_quant_algo="fp8-kv")
-    with pytest.raises(ValueError, match="fp8-kv is a kv_cache_quant_algo"):
-        QuantConfig(QuantAlgo.FP8_KV)
-    with pytest.raises(PassError, match="fp8 quantizes activations with calibrated scales"):
-        run_pipeline(_graph(), "quantize{algo=fp8}")
+@pytest.mark.parametrize("short, algo, kv", [
+    ("fp8", QuantAlgo.FP8, None), ("fp8-per-channel", QuantAlgo.FP8_PER_CHANNEL, None),
+    ("int8_sq", QuantAlgo.W8A8_SQ, None), ("w8a8-sq", QuantAlgo.W8A8_SQ, None),
+    ("int4_awq", QuantAlgo.W4A16_AWQ, None), ("W4A16_AWQ", QuantAlgo.W4A16_AWQ, None),
+    ("int8_wo", QuantAlgo.W8A16, None), ("w8a16", QuantAlgo.W8A16, None), ("llm.int8", QuantAlgo.LLM_INT8, None),
+    ("fp8_kv", None, QuantAlgo.FP8_KV), ("fp8+fp8_kv", QuantAlgo.FP8, QuantAlgo.FP8_KV),
+])
+def test_short_forms(short, algo, kv):
+    config = QuantConfig.of(short)
+    assert (config.quant_algo, config.kv_cache_quant_algo) == (algo, kv)
+    assert QuantConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"quant_algo": QuantAlgo.FP8_KV}, "fp8-kv is a kv_cache_quant_algo"),
+    ({"quant_algo": None}, "quantizes nothing"),
+    ({"quant_algo": "w8a16", "kv_cache_quant_algo": "w8a16"}, "kv_cache_quant_algo must be fp8-kv"),
+    ({"quant_algo": "int4_awq", "group_size": 96}, "group_size must be a power of two of at least 32"),
+    ({"quant_algo": "w8a8-sq", "smoothquant_val": 1.5}, r"alpha\) must be in \[0, 1\]"),
+    ({"quant_algo": "llm.int8", "int8_threshold": 0}, "int8_threshold must be positive"),
+])
+def test_configs_that_cannot_work_fail_at_once(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+    with pytest.raises(ValueError, match="names two algorithms"):
+        QuantConfig.of("fp8+w8a16")
+
+
+def test_fp8_needs_a_gpu_with_fp8():
+    for config in (QuantConfig("fp8"), QuantConfig("w8a16", "fp8-kv")):
+        with pytest.raises(ValueError, match=r"needs a GPU with FP8 support \(compute capability 8.9 .* 8.0"):
+            config.check_device((8, 0))
+        config.check_device((9, 0))     # H100
+        config.check_device((8, 9))     # L4, L40
+        config.check_device(None)       # no GPU: the reference interpreter computes FP8 itself
+    QuantConfig("int4_awq").check_device((7, 5))
+
+
+def test_int4_group_size_that_does_not_divide_k_is_an_error_before_any_work():
+    g = _graph(BEFORE.replace("f32[4,8]", "f32[8,96]").replace("f32[T,8]", "f32[T,96]")
+               .replace("f32[4]", "f32[8]").replace("f32[T,4]", "f32[T,8]").replace("f32[6,4]", "f32[6,8]"))
+    with pytest.raises(PassError, match=r"group_size=64 does not fit 1 linears: fc.weight is \[8, 96\] .* in_features here: "
+                                        r"\[96\].*group_size=32 divides every in_features"):
+        run_pipeline(g, "quantize{algo=w4a16,group_size=64}")
+    with pytest.raises(ValueError, match="does not fit"):
+        QuantConfig("int4_awq", group_size=64).check_graph(g)
+
+
+def test_w4a16_groups_with_zero_points_round_like_autoawq():
+    g = _graph(BEFORE.replace("f32[4,8]", "f32[8,64]").replace("f32[T,8]", "f32[T,64]")
+               .replace("f32[4]", "f32[8]").replace("f32[T,4]", "f32[T,8]").replace("f32[6,4]", "f32[6,8]"))
+    w, bias, head = (g.params[n].storage.load() for n in ("fc.weight", "fc.bias", "lm_head.weight"))
+    run_pipeline(g, "quantize{algo=w4a16,group_size=32}")
+    assert print_graph(g) == ir("""
+        param @fc.bias : f32[8]
+        param @lm_head.weight : f32[6,8]
+        param @fc.weight.int4 : i4[8,64]
+        param @fc.weight.scale : f32[8,2]
+        param @fc.weight.zero : i8[8,2]
+        func @main(%x: f32[T,64]) -> (f32[T,6]) {
+          %2 = quant.dequantize(@fc.weight.int4, @fc.weight.scale, @fc.weight.zero) {axis=1, group_size=32} : f32[8,64]
+          %0 = llm.linear(%x, %2, @fc.bias) : f32[T,8]
+          %1 = llm.linear(%0, @lm_head.weight) : f32[T,6]
+          return %1
+        }
+        """)
+    groups = w.reshape(8, 2, 32)
+    scale = (groups.amax(-1) - groups.amin(-1)) / 15                 # AutoAWQ: (max - min) / (2^4 - 1)
+    zero = (-torch.round(groups.amin(-1) / scale)).clamp(0, 15)     # unsigned zero point
+    q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    assert torch.equal(g.params["fc.weight.int4"].storage.load(), (q - 8).reshape(8, 64).to(torch.int8))
+    assert torch.equal(g.params["fc.weight.zero"].storage.load(), (zero - 8).to(torch.int8))
+    deq = ((q - zero[..., None]) * scale[..., None]).reshape(8, 64)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_run(g, x), F.linear(F.linear(x, deq, bias), head))
+
+
+def test_llm_int8_keeps_outlier_features_in_float():
+    g = _graph()
+    w, bias, head = (g.params[n].storage.load() for n in ("fc.weight", "fc.bias", "lm_head.weight"))
+    pm = PassManager("quantize{algo=llm.int8}")
+    attach_calibration(g, {"fc.weight": InputStats(torch.tensor([1.0, 9.0, 0.5, 7.0, 1, 1, 1, 1]))})
+    pm.run(g)
+    assert pm.records[0].remarks[0] == "fc.weight: 2 of 8 input features stay float (|x| max > 6)"
+    assert print_graph(g) == ir("""
+        param @fc.bias : f32[4]
+        param @lm_head.weight : f32[6,4]
+        param @fc.weight.inlier_columns : i64[6]
+        param @fc.weight.outlier_columns : i64[2]
+        param @fc.weight.outliers : f32[4,2]
+        param @fc.weight.inliers.int8 : i8[4,6]
+        param @fc.weight.inliers.scale : f32[4]
+        func @main(%x: f32[T,8]) -> (f32[T,6]) {
+          %2 = core.gather(%x, @fc.weight.inlier_columns) {dim=-1} : f32[T,6]
+          %3 = core.gather(%x, @fc.weight.outlier_columns) {dim=-1} : f32[T,2]
+          %7 = core.abs(%2) : f32[T,6]
+          %8 = core.amax(%7) {dims=[1]} : f32[T]
+          %9 = core.clamp(%8) {min=1e-06} : f32[T]
+          %10 = core.constant() {value=127.0, dtype=f32} : f32[]
+          %11 = core.div(%9, %10) : f32[T]
+          %12 = quant.quantize(%2, %11) {dtype=i8, axis=0} : i8[T,6]
+          %13 = quant.dequantize(%12, %11) {axis=0} : f32[T,6]
+          %14 = quant.dequantize(@fc.weight.inliers.int8, @fc.weight.inliers.scale) {axis=0} : f32[4,6]
+          %4 = llm.linear(%13, %14, @fc.bias) : f32[T,4]
+          %5 = llm.linear(%3, @fc.weight.outliers) : f32[T,4]
+          %6 = core.add(%4, %5) : f32[T,4]
+          %1 = llm.linear(%6, @lm_head.weight) : f32[T,6]
+          return %1
+        }
+        """)
+    assert g.params["fc.weight.outlier_columns"].storage.load().tolist() == [1, 3]
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    x[:, 1] *= 40                                              # the outlier feature: it would flatten int8 rows
+    inl, out = [0, 2, 4, 5, 6, 7], [1, 3]
+    xs = x[:, inl].abs().amax(1, keepdim=True) / 127
+    ws = w[:, inl].abs().amax(1, keepdim=True) / 127
+    xq = torch.round(x[:, inl] / xs).clamp(-128, 127) * xs
+    wq = torch.round(w[:, inl] / ws).clamp(-128, 127) * ws
+    want = F.linear(F.linear(xq, wq, bias) + x[:, out] @ w[:, out].t(), head)
+    torch.testing.assert_close(_run(g, x), want)
+
+
+def test_fp8_kv_cache_rounds_k_and_v_through_e4m3(decoder_layer):
+    g = decoder_layer.graph()
+    calib = calibrate(g, decoder_layer.windows(), progress=False)
+    q = g.clone()
+    assert quantize_graph(q, QuantConfig(None, "fp8-kv"), calib) == 1
+    text = print_graph(q)
+    assert "param @kv.0.k_scale : f32[]\nparam @kv.0.v_scale : f32[]\n" in text
+    assert ir("""
+          %25 = quant.quantize(%10, @kv.0.k_scale) {dtype=f8e4m3} : f8e4m3[1,1,T,4]
+          %26 = quant.dequantize(%25, @kv.0.k_scale) : f32[1,1,T,4]
+          %27 = quant.quantize(%12, @kv.0.v_scale) {dtype=f8e4m3} : f8e4m3[1,1,T,4]
+          %28 = quant.dequantize(%27, @kv.0.v_scale) : f32[1,1,T,4]
+          %13 = llm.attention(%8, %26, %28) {causal=true} : f32[1,2,T,4]
+        """).replace("\n", "").strip() in text.replace("\n  ", "")
+    assert float(q.params["kv.0.k_scale"].storage.load()) == pytest.approx(calib["k_cache.0"].amax / 448)
+    w = decoder_layer.windows(1, seed=4)[0].int()
+    got, want = interpreter.run(q, w)[0], interpreter.run(g, w)[0]   # 3 mantissa bits in k and v, and a peaky
+    assert 0 < (got - want).norm() < 0.15 * want.norm()              # softmax of random weights
 
 
 CALIB = ir("""

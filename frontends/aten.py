@@ -190,7 +190,7 @@ def _arg(a: Any, env: dict, symbols: dict[str, Dim]) -> Any:
 # --- the table ---------------------------------------------------------------------------------
 
 _IDENTITY = ("aten.alias.default", "aten.contiguous.default", "aten.clone.default", "aten.detach.default",
-             "aten.lift_fresh_copy.default", "aten.dropout.default", "aten.to.device")
+             "aten.lift_fresh_copy.default", "aten.dropout.default")
 
 
 @aten(*_IDENTITY)
@@ -211,6 +211,13 @@ def _to(cx, x, dtype=None, *rest, **kwargs):
     if not isinstance(dtype, torch.dtype):
         return x
     return cx.cast(x, DType.from_torch(dtype))
+
+
+@aten("aten.to.device")
+def _to_device(cx, x, device=None, dtype=None, *rest, **kwargs):
+    """x.to(device, dtype): the device is the backend's business, the dtype is a cast (export folds
+    `.float().to(x.device)` into this one op)."""
+    return _to(cx, x, kwargs.get("dtype", dtype))
 
 
 @aten("aten.embedding.default")

@@ -61,6 +61,11 @@ class PrefillAttnConfig:
     num_stages: int = 3
 
 
+def _exact_dot(q: torch.Tensor) -> bool:
+    """f32 attention keeps f32 products (no TF32), so that an f32 model matches its reference."""
+    return interpreting() or q.dtype == torch.float32
+
+
 @triton.jit
 def _kv_offsets(bt_row_ptr, t, tmask, kv_head, stride_kb, stride_kt, stride_kh, BLOCK_SIZE: tl.constexpr):
     # Token t of a sequence lives at (block_table[t // BLOCK_SIZE], t % BLOCK_SIZE) in the pool.
@@ -169,7 +174,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q, k_pool, v_pool, block_tables, seq_lens, out, po, pml, scale, v_scale, q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), partition, splits, GROUP=H // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(H // Hkv)),
-        HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_N=cfg.block_n, SPLIT=splits > 1, UPCAST=interpreting(),
+        HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_N=cfg.block_n, SPLIT=splits > 1, UPCAST=_exact_dot(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _decode_reduce_kernel[(B, H)](po, pml, seq_lens, out, v_scale, out.stride(0), out.stride(1), partition,
@@ -263,5 +268,5 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, out, scale, v_scale, q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), GROUP=H // Hkv, HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        UPCAST=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        UPCAST=_exact_dot(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

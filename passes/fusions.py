@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Op, Value
-from ..ir.types import DType, dim_add
+from ..ir.types import DType, dim_add, dim_product
 from .manager import register_pass, remark
 from .pattern import Const, Match, OneOf, P, Rule, RuleSet, Var, apply_greedily
 
@@ -199,3 +199,58 @@ def _merge(graph: Graph, x: Value, group: list[Op]) -> None:
     for op, part in zip(group, parts):
         graph.replace_all_uses(op.results[0], part)
         graph.erase_op(op)
+
+
+# --- fusions for kernels: residual add + norm, rope + paged attention ------------------------------
+# Run after kv-cache by the targets whose kernels take these forms (passes.pipelines).
+
+_ADD_RMS_NORM = P("llm.rms_norm", P("core.add", Var("a"), Var("b"), name="sum"), Var("w"))
+
+
+def _norm_first_user(m: Match) -> bool:
+    """The residual stream's other readers all come after the norm, where the fused op defines it."""
+    at = m.graph.index(m.root.op)
+    return m.a.type == m.b.type == m.root.type and all(m.graph.index(u) > at for u in m.graph.users(m.sum)
+                                                       if u is not m.root.op)
+
+
+def _add_rms_norm(m: Match, b: Builder) -> Value:
+    y, h = b.llm.add_rms_norm(m.a, m.b, m.w, eps=m.root.op.attrs["eps"])
+    m.graph.replace_all_uses(m.sum, h, after=m.root.op)  # the norm itself is replaced whole
+    return y
+
+
+def _roped(name: str) -> P:
+    return P("core.reshape", P("llm.rope", Var(name), Var("pos"), Var("inv_freq"), name=name + "_rope",
+                               one_use=True), name=name + "_heads", one_use=True)
+
+
+_ROPE_ATTENTION = P("llm.paged_attention", _roped("q"), _roped("k"), Var("v"), Var("k_cache"), Var("v_cache"),
+                    Var("slots"), Var("tables"), Var("lens"), Var("starts"))
+
+
+def _rope_attention_ok(m: Match) -> bool:
+    """Full-width half-split rope with one scale on q and k: what the rope + KV-write kernel does."""
+    qa, ka = m.op("q_rope").attrs, m.op("k_rope").attrs
+    d = m.q.type.shape[-1]
+    return (qa == ka and qa["rotary_dim"] in (None, d) and not qa["interleaved"]
+            and dim_product(m.pos.type.shape) == m.root.type.shape[0])
+
+
+def _rope_attention(m: Match, b: Builder) -> Value:
+    att = m.root.op
+    q = b.core.reshape(m.q, shape=m.op("q_heads").attrs["shape"])
+    k = b.core.reshape(m.k, shape=m.op("k_heads").attrs["shape"])
+    positions = b.core.reshape(m.pos, shape=[m.root.type.shape[0]])
+    return b.llm.paged_attention(q, k, *att.operands[2:], positions, m.inv_freq,
+                                 **{**att.attrs, "rope_scale": m.op("q_rope").attrs["scale"]})
+
+
+KERNEL_RULES = RuleSet(Rule("add-rms-norm", _ADD_RMS_NORM, _add_rms_norm, where=_norm_first_user),
+                       Rule("rope-into-paged-attention", _ROPE_ATTENTION, _rope_attention, where=_rope_attention_ok))
+
+
+@register_pass("fuse-for-kernels")
+def fuse_for_kernels(graph: Graph) -> int:
+    """add + rms_norm -> llm.add_rms_norm; rope of q and k feeding paged attention -> its rope operands."""
+    return apply_greedily(graph, KERNEL_RULES, explain=True)

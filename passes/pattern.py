@@ -344,12 +344,13 @@ def _try_rule(graph: Graph, r: Rule, op: Op, worklist: deque[Op], alive: set[int
         for nv in new_values:
             if nv.op is not None and id(nv.op) in alive:
                 worklist.append(nv.op)
-        _erase_dead(graph, [op], alive, worklist)
+        _erase_dead(graph, [op], alive, worklist, replaced=op)  # the root is replaced, side effects and all
         return True
     return False
 
 
-def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int], worklist: deque[Op] | None = None) -> None:
+def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int], worklist: deque[Op] | None = None,
+                replaced: Op | None = None) -> None:
     """Erase the pure ops among `ops` (and then their operands' ops) that have no uses. With a
     worklist, the other users and the definitions of their operands are revisited: a value
     that lost a use may now satisfy a `one_use` pattern."""
@@ -358,7 +359,7 @@ def _erase_dead(graph: Graph, ops: Iterable[Op], alive: set[int], worklist: dequ
         op = stack.pop()
         if id(op) not in alive and op not in graph.ops:
             continue
-        if op.opdef.is_pure and all(graph.num_uses(r) == 0 for r in op.results):
+        if (op.opdef.is_pure or op is replaced) and all(graph.num_uses(r) == 0 for r in op.results):
             graph.erase_op(op)
             alive.discard(id(op))
             stack.extend(v.op for v in op.operands if v.op is not None)

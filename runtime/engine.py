@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence as Seq
 
 import torch
 
+from ..backends import StepInfo
 from ..ir.graph import Graph
 from ..passes.kv_cache import SERVING_INPUTS
 from .blocks import BlockPool
@@ -303,11 +304,16 @@ class Engine:
                 sample_rows.append(len(rows))
                 rows.append(starts[-1] - 1)
         width = max(len(t) for t in tables)
-        i32 = dict(dtype=torch.int32, device=self.device)
+        host = getattr(self.executable, "host_inputs", False)  # it moves them itself, knowing the step's shape
+        device = "cpu" if host else self.device
+        i32 = dict(dtype=torch.int32, device=device)
         inputs = [torch.tensor(tokens, **i32), torch.tensor(positions, **i32),
-                  torch.tensor(slots, dtype=torch.int64, device=self.device),
+                  torch.tensor(slots, dtype=torch.int64, device=device),
                   torch.tensor([t + [0] * (width - len(t)) for t in tables], **i32), torch.tensor(lens, **i32),
-                  torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=self.device)]
+                  torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=device)]
+        if host:
+            step = StepInfo(len(batch), len(tokens), max(s.num_tokens for s in batch), max(lens))
+            return self.executable(*inputs, *self.caches, step=step)[0], sample_rows, prompt_rows
         return self.executable(*inputs, *self.caches)[0], sample_rows, prompt_rows
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.backends import reference
-from kiln.ir import Builder, DType, OpError, TensorType, bf16, boolean, f32, i8, i32, i64, registered_ops
+from kiln.ir import Builder, DType, OpError, TensorType, bf16, boolean, f8e4m3, f32, i8, i32, i64, registered_ops
 from kiln.ir.ops.quant import pack_i4, unpack_i4
 from kiln.testing import random_inputs
 
@@ -49,6 +49,7 @@ CASES = {
     "llm.embedding": ([f32[16, 8], i32["T"]], {}),
     "llm.linear": ([f32["T", 8], f32[4, 8], f32[4]], {}),
     "llm.rms_norm": ([bf16["T", 8], bf16[8]], {"eps": 1e-5}),
+    "llm.add_rms_norm": ([bf16["T", 8], bf16["T", 8], bf16[8]], {"eps": 1e-5}),
     "llm.layer_norm": ([f32["T", 8], f32[8], f32[8]], {"eps": 1e-5}),
     "llm.rope": ([f32["T", 2, 8], i64["T"], f32[4]], {}),
     "llm.silu_mul": ([f32["T", 8], f32["T", 8]], {}),
@@ -56,6 +57,10 @@ CASES = {
                              i64["T"], i32[2, 4], i32[2], i32[3]], {"scale": 0.3}),
     "quant.quantize": ([f32["T", 8], f32[8], i8[8]], {"dtype": DType.i8, "axis": 1}),
     "quant.dequantize": ([i8["T", 8], f32[8]], {"axis": -1}),
+    "quant.linear_fp8": ([f8e4m3["T", 16], f8e4m3[8, 16], f32["T"], f32[8]], {"out_dtype": DType.bf16}),
+    "quant.linear_int8": ([i8["T", 16], i8[8, 16], f32[()], f32[8]], {"out_dtype": DType.f32}),
+    "quant.linear_w8a16": ([bf16["T", 16], i8[8, 16], bf16[8]], {}),
+    "quant.linear_awq": ([f32["T", 64], i32[64, 2], i32[2, 2], f32[2, 16]], {}),
     # ops first needed by the ONNX frontend
     "core.dims": ([], {"dims": (3, 4, 9), "dtype": DType.i32}),
     "core.isnan": ([f32["T", 4]], {}),

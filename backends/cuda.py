@@ -1,0 +1,426 @@
+"""The cuda backend: a serving graph run by kiln's Triton kernels, with decode steps replayed from
+CUDA graphs.
+
+- Lowering: `LOWERINGS` maps an op name to the kernel call that implements it; every other op runs
+  its registry reference, which is already a torch op. A lowering may decline (return NotImplemented)
+  for a form its kernel does not take (f32 matmuls stay in cuBLAS without TF32, a sliding window goes
+  to the reference), so the table never changes what a graph computes.
+- Buffers: ops run in graph order over a slot list; a slot is released after its last reader, so the
+  caching allocator hands the same memory to later activations (`plan_slots`).
+- Weights go to the device one tensor at a time, straight from safetensors (and derived weights such
+  as merged q/k/v are computed there), never as a host copy of the whole model.
+- Decode steps (one new token per sequence) are captured once per (batch bucket, context bucket) and
+  replayed; a batch is padded to the next bucket with rows that write nothing (slot -1) and read one
+  token. Steps with prefill run eagerly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..ir.graph import Graph
+from ..ir.interpreter import load_param
+from ..ir.storage import DerivedStorage, SafetensorsStorage, Storage, TensorStorage
+from ..ir.types import DType
+from ..passes.kv_cache import SERVING_INPUTS
+from . import StepInfo
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+"""Decode batch sizes captured as CUDA graphs (on first use); a batch pads to the next one."""
+MIN_CONTEXT_BUCKET = 256
+"""Captured decode graphs are keyed by the step's longest context rounded up to a power of two from here."""
+
+
+# -- the lowering table ---------------------------------------------------------------------------
+
+@dataclass
+class StepContext:
+    """What lowerings may know about the step beyond its tensors (host-side, so no device sync)."""
+
+    step: StepInfo
+    rope_tables: "RopeTables"
+
+
+Lowering = Callable[..., Any]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(name: str) -> Callable[[Lowering], Lowering]:
+    """Register `fn(ctx, *operands, **attrs)` as the kernel form of op `name`."""
+    def register(fn: Lowering) -> Lowering:
+        LOWERINGS[name] = fn
+        return fn
+    return register
+
+
+def _half(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
+
+
+@lowering("llm.linear")
+def _linear(ctx: StepContext, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    if not (_half(x) and w.dtype == x.dtype):
+        return NotImplemented  # f32 stays exact in cuBLAS; other forms have their own ops
+    from ..kernels import linear
+
+    y = linear(x if x.stride(-1) == 1 else x.contiguous(), w)
+    return y if bias is None else y.add_(bias)
+
+
+@lowering("quant.linear_fp8")
+def _linear_fp8(ctx: StepContext, x, wq, x_scale, w_scale, *, out_dtype: DType) -> Any:
+    from ..kernels import linear_fp8
+
+    return linear_fp8(x if x.stride(-1) == 1 else x.contiguous(), wq, x_scale, w_scale, out_dtype.torch)
+
+
+@lowering("quant.linear_w8a16")
+def _linear_w8a16(ctx: StepContext, x, wq, w_scale) -> Any:
+    if not _half(x):
+        return NotImplemented
+    from ..kernels import linear_w8a16
+
+    return linear_w8a16(x if x.stride(-1) == 1 else x.contiguous(), wq, w_scale)
+
+
+@lowering("quant.linear_awq")
+def _linear_awq(ctx: StepContext, x, qweight, qzeros, scales) -> Any:
+    if not _half(x) or scales.dtype != x.dtype:
+        return NotImplemented
+    from ..kernels import linear_awq
+
+    return linear_awq(x if x.stride(-1) == 1 else x.contiguous(), qweight, qzeros, scales)
+
+
+@lowering("llm.rms_norm")
+def _rms_norm(ctx: StepContext, x: torch.Tensor, w: torch.Tensor, *, eps: float) -> Any:
+    from ..kernels import rms_norm
+
+    return rms_norm(x.contiguous(), w, eps)
+
+
+@lowering("llm.add_rms_norm")
+def _add_rms_norm(ctx: StepContext, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, *, eps: float) -> Any:
+    from ..kernels import rms_norm
+
+    return rms_norm(x.contiguous(), w, eps, residual=residual.contiguous())
+
+
+@lowering("llm.silu_mul")
+def _silu_mul(ctx: StepContext, gate: torch.Tensor, up: torch.Tensor) -> Any:
+    """The kernel reads [gate | up] rows: the halves of the merged gate/up linear's output."""
+    n = gate.shape[-1]
+    if gate.stride() != up.stride() or up.data_ptr() != gate.data_ptr() + n * gate.element_size() \
+            or gate.stride(-1) != 1 or gate.stride(-2) != 2 * n:
+        return NotImplemented
+    from ..kernels import silu_mul
+
+    gate_up = torch.as_strided(gate, (*gate.shape[:-1], 2 * n), gate.stride())
+    return silu_mul(gate_up.reshape(-1, 2 * n)).view(gate.shape)
+
+
+@lowering("llm.paged_attention")
+def _paged_attention(ctx: StepContext, q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                     query_start, positions=None, inv_freq=None, *, scale: float | None, window: int | None,
+                     rope_scale: float = 1.0, k_scale: float | None = None, v_scale: float | None = None) -> Any:
+    if window is not None or q.shape[-1] & (q.shape[-1] - 1):
+        return NotImplemented  # sliding windows and head dims that are not powers of two: the reference
+    from ..kernels import paged_decode_attention, paged_prefill_attention, rope_kv_write
+
+    cos, sin = ctx.rope_tables.get(inv_freq, rope_scale, ctx.step.max_context_len, q.device, q.shape[-1])
+    if positions is None:  # no rope fused in: rotate by position 0 (cos 1, sin 0), an exact copy
+        positions = torch.zeros(slot_mapping.shape, dtype=torch.int32, device=slot_mapping.device)
+    ks, vs = k_scale or 1.0, v_scale or 1.0
+    q = rope_kv_write(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), positions, cos, sin,
+                      k_cache, v_cache, slot_mapping, ks, vs)  # strided heads (slices of q/k/v) are read in place
+    step = ctx.step
+    if step.num_tokens == step.num_seqs:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, step.max_context_len, scale,
+                                      ks, vs)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, query_start,
+                                   step.max_query_len, scale, ks, vs)
+
+
+@dataclass
+class RopeTables:
+    """cos/sin per position for each (inv_freq, scale), grown to the longest context seen."""
+
+    tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def get(self, inv_freq: torch.Tensor | None, scale: float, length: int, device: torch.device,
+            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(inv_freq), scale) if inv_freq is not None else (0, 1.0)
+        have = self.tables.get(key)
+        if have is None or have[0].shape[0] < length:
+            from ..kernels import rope_cache
+
+            size = max(MIN_CONTEXT_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+            freq = inv_freq if inv_freq is not None else torch.zeros(head_dim // 2, device=device)
+            cos, sin = rope_cache(size, head_dim, 0.0, device=device, inv_freq=freq.to(device))
+            have = self.tables[key] = ((cos * scale).contiguous(), (sin * scale).contiguous())
+        return have
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+def load_to_device(storage: Storage, device: torch.device) -> torch.Tensor:
+    """A parameter's stored tensor made on `device`: safetensors read straight there, derived
+    weights computed there from their sources."""
+    if isinstance(storage, SafetensorsStorage) and device.type == "cuda":
+        from safetensors import safe_open
+
+        with safe_open(storage.path, framework="pt", device=str(device)) as f:
+            return f.get_tensor(storage.key)
+    if isinstance(storage, DerivedStorage):
+        from ..ir.registry import get_op
+
+        args = [load_to_device(s, device) for s in storage.inputs]
+        return get_op(storage.op_name).run_reference(*args, **storage.attrs)[storage.result_index]
+    if isinstance(storage, TensorStorage):
+        return storage.tensor.to(device)
+    return storage.load().to(device)
+
+
+def load_weights(graph: Graph, device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter the graph reads, on the device, with a progress bar in bytes."""
+    from tqdm.auto import tqdm
+
+    used = {v.name: v for op in graph.ops for v in op.operands if v.is_param}
+    used.update({v.name: v for v in graph.outputs if v.is_param})
+    total = sum(v.type.nbytes({}) for v in used.values())
+    out: dict[str, torch.Tensor] = {}
+    by_storage: dict[int, torch.Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading weights to {device}", disable=not progress,
+              leave=False) as bar:
+        for v in used.values():
+            key = id(v.storage)
+            if key not in by_storage:
+                t = load_to_device(v.storage, device) if v.storage is not None else load_param(v, device)
+                if v.type.dtype is DType.i4 and t.dtype == torch.uint8:
+                    from ..ir.ops.quant import unpack_i4
+
+                    t = unpack_i4(t)
+                by_storage[key] = t
+            out[v.name] = by_storage[key]
+            bar.update(v.type.nbytes({}))
+    return out
+
+
+# -- the program ----------------------------------------------------------------------------------
+
+@dataclass
+class _Instr:
+    """One op bound to slots: its implementation, operand and result slots, and slots it frees."""
+
+    fn: Callable[..., Any]
+    reference: Callable[..., Any]
+    args: tuple[int, ...]
+    attrs: dict[str, Any]
+    results: tuple[int, ...]
+    free: tuple[int, ...]
+    text: str
+
+
+def _reference(opdef) -> Callable[..., Any]:
+    return lambda ctx, *args, **attrs: opdef.run_reference(*args, **attrs)
+
+
+def _symbolic_reshape(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """A reshape whose one symbolic dim can be left to torch (-1); None if it has more."""
+    shape = attrs["shape"]
+    symbolic = [i for i, d in enumerate(shape) if isinstance(d, str)]
+    if len(symbolic) != 1 or -1 in shape:
+        return None
+    return {**attrs, "shape": tuple(-1 if isinstance(d, str) else d for d in shape)}
+
+
+def plan_slots(graph: Graph) -> tuple[dict[int, int], list[tuple[int, ...]]]:
+    """Value -> slot, and per op the slots whose last reader it is (released right after it)."""
+    slots: dict[int, int] = {}
+    for v in [*graph.inputs, *graph.params.values()]:
+        slots[id(v)] = len(slots)
+    for op in graph.ops:
+        for r in op.results:
+            slots[id(r)] = len(slots)
+    last: dict[int, int] = {}
+    for i, op in enumerate(graph.ops):
+        for v in op.operands:
+            last[id(v)] = i
+    keep = {id(v) for v in graph.outputs} | {id(v) for v in graph.params.values()} | {id(v) for v in graph.inputs}
+    frees: list[list[int]] = [[] for _ in graph.ops]
+    for vid, i in last.items():
+        if vid not in keep:
+            frees[i].append(slots[vid])
+    for i, op in enumerate(graph.ops):  # results nobody reads die at once
+        frees[i].extend(slots[id(r)] for r in op.results if not graph.users(r) and id(r) not in keep)
+    return slots, [tuple(f) for f in frees]
+
+
+class CudaExecutable:
+    """A serving graph bound to kernels and device weights; call it as the engine calls any backend.
+
+    It takes its metadata inputs on the host (`host_inputs`) and the step's shape (`step=`) so that
+    nothing waits on the device to learn the batch; decode steps replay CUDA graphs."""
+
+    host_inputs = True
+
+    def __init__(self, graph: Graph, device: torch.device, *, cuda_graphs: bool = True, progress: bool = True):
+        names = [v.name for v in graph.inputs]
+        if names[: len(SERVING_INPUTS)] != list(SERVING_INPUTS):
+            raise ValueError("the cuda backend runs serving graphs (compile with the 'cuda' pipeline)")
+        self.graph, self.device = graph, device
+        self.params = load_weights(graph, device, progress)
+        slots, frees = plan_slots(graph)
+        self.num_slots = len(slots)
+        self.input_slots = [slots[id(v)] for v in graph.inputs]
+        self.output_slots = [slots[id(v)] for v in graph.outputs]
+        self.template: list[Any] = [None] * len(slots)
+        for v in graph.params.values():
+            if v.name in self.params:
+                self.template[slots[id(v)]] = self.params[v.name]
+        self.program: list[_Instr] = []
+        constant = {id(v) for v in graph.params.values()}
+        for op, free in zip(graph.ops, frees):
+            if op.opdef.is_pure and op.operands and all(id(v) in constant for v in op.operands):
+                # weights-only arithmetic (a cast of rope frequencies, a reshape): computed once, here
+                outs = op.opdef.run_reference(*(self.template[slots[id(v)]] for v in op.operands), **op.attrs)
+                for r, t in zip(op.results, outs):
+                    self.template[slots[id(r)]] = t
+                    constant.add(id(r))
+                continue
+            attrs = dict(op.attrs)
+            if op.name == "core.reshape" and any(isinstance(d, str) for d in attrs["shape"]):
+                attrs = _symbolic_reshape(attrs) or attrs
+            if any(isinstance(a, str) or isinstance(a, tuple) and any(isinstance(d, str) for d in a)
+                   for k, a in attrs.items() if op.opdef.attrs[k].kind.name.split(" ")[0] in ("Shape", "Dim")):
+                raise ValueError(f"the cuda backend cannot bind the symbolic attributes of {op.name} ({attrs})")
+            ref = _reference(op.opdef)
+            self.program.append(_Instr(LOWERINGS.get(op.name, ref), ref, tuple(slots[id(v)] for v in op.operands),
+                                       attrs, tuple(slots[id(r)] for r in op.results), free, op.name))
+        self.rope_tables = RopeTables()
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
+        self._graph_pool = None
+        self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0}
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def run_program(self, inputs: Sequence[torch.Tensor], step: StepInfo) -> list[torch.Tensor]:
+        ctx = StepContext(step, self.rope_tables)
+        env = list(self.template)
+        for s, t in zip(self.input_slots, inputs):
+            env[s] = t
+        with torch.no_grad():
+            for ins in self.program:
+                args = [env[a] for a in ins.args]
+                out = ins.fn(ctx, *args, **ins.attrs)
+                if out is NotImplemented:
+                    out = ins.reference(ctx, *args, **ins.attrs)
+                if isinstance(out, tuple):
+                    for s, t in zip(ins.results, out):
+                        env[s] = t
+                else:
+                    env[ins.results[0]] = out
+                for s in ins.free:
+                    env[s] = None
+        return [env[s] for s in self.output_slots]
+
+    def __call__(self, *inputs: torch.Tensor, step: StepInfo | None = None) -> list[torch.Tensor]:
+        meta, caches = inputs[: len(SERVING_INPUTS)], inputs[len(SERVING_INPUTS):]
+        step = step or StepInfo.of(*meta[:6])
+        if self.cuda_graphs and step.num_tokens == step.num_seqs and step.num_seqs <= BATCH_BUCKETS[-1]:
+            captured = self._decode_graph(step, meta, caches)
+            if captured is not None:
+                self.stats["graph_steps"] += 1
+                return [captured.replay(meta, step)]
+        self.stats["eager_steps"] += 1
+        meta = [t.to(self.device, non_blocking=True) for t in meta]
+        return self.run_program([*meta, *caches], step)
+
+    # -- CUDA graphs for decode -------------------------------------------------------------------
+
+    def _decode_graph(self, step: StepInfo, meta: Sequence[torch.Tensor],
+                      caches: Sequence[torch.Tensor]) -> "_CapturedDecode | None":
+        batch = next(b for b in BATCH_BUCKETS if b >= step.num_seqs)
+        context = max(MIN_CONTEXT_BUCKET, 1 << (step.max_context_len - 1).bit_length())
+        key = (batch, context)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if self.graphs.get(("failed",)) is not None:
+                return None
+            block = caches[0].shape[1]
+            t0 = time.perf_counter()
+            try:
+                captured = _CapturedDecode.capture(self, batch, context, block, caches)
+            except Exception as e:  # an op that cannot be captured (a host sync): stay eager, say why once
+                import warnings
+
+                warnings.warn(f"kiln cuda backend: decode steps run eagerly, CUDA-graph capture failed: "
+                              f"{type(e).__name__}: {e}")
+                self.graphs[("failed",)] = e  # type: ignore[index]
+                return None
+            self.graphs[key] = captured
+            self.stats["captures"] += 1
+            self.stats["capture_s"] += time.perf_counter() - t0
+        return captured
+
+
+@dataclass
+class _CapturedDecode:
+    """One decode graph: static metadata buffers it reads, the logits buffer it writes."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]   # tokens, positions, slots, block_tables, context_lens, query_start, logits_indices
+    logits: torch.Tensor
+    batch: int
+
+    @classmethod
+    def capture(cls, exe: CudaExecutable, batch: int, context: int, block: int,
+                caches: Sequence[torch.Tensor]) -> "_CapturedDecode":
+        dev = exe.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        inputs = [torch.zeros(batch, **i32), torch.zeros(batch, **i32),
+                  torch.full((batch,), -1, dtype=torch.int64, device=dev),
+                  torch.zeros(batch, -(-context // block), **i32), torch.ones(batch, **i32),
+                  torch.arange(batch + 1, **i32), torch.arange(batch, dtype=torch.int64, device=dev)]
+        step = StepInfo(batch, batch, 1, context)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile every kernel for these shapes; rope tables grow here, not in capture
+                exe.run_program([*inputs, *caches], step)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        if exe._graph_pool is None:
+            exe._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=exe._graph_pool):
+            logits = exe.run_program([*inputs, *caches], step)[0]
+        return cls(graph, inputs, logits, batch)
+
+    def replay(self, meta: Sequence[torch.Tensor], step: StepInfo) -> torch.Tensor:
+        n = step.num_seqs
+        tokens, positions, slots, tables, lens = self.inputs[:5]
+        tokens[:n].copy_(meta[0], non_blocking=True)
+        positions[:n].copy_(meta[1], non_blocking=True)
+        slots[:n].copy_(meta[2], non_blocking=True)
+        slots[n:].fill_(-1)
+        width = min(meta[3].shape[1], tables.shape[1])  # columns past the context bucket are never read
+        tables[:n, :width].copy_(meta[3][:, :width], non_blocking=True)
+        lens[:n].copy_(meta[4], non_blocking=True)
+        lens[n:].fill_(1)
+        self.graph.replay()
+        return self.logits[:n]
+
+
+def compile(graph: Graph, *, device: str | torch.device = "cuda", cuda_graphs: bool = True,
+            progress: bool = True) -> CudaExecutable:
+    """Bind a serving graph to kernels on `device` (a CUDA device; "cpu" runs the same lowering
+    under the Triton interpreter, for tests)."""
+    return CudaExecutable(graph, torch.device(device), cuda_graphs=cuda_graphs, progress=progress)
+
+
+__all__ = ["BATCH_BUCKETS", "CudaExecutable", "LOWERINGS", "compile", "load_weights", "lowering", "plan_slots"]

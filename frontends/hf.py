@@ -25,6 +25,7 @@ from ..ir.graph import Graph
 from ..ir.storage import Storage, TensorStorage
 from ..ir.types import DType, TensorType
 from . import aten
+from .prequantized import CheckpointQuant, bind_quantized, read_checkpoint_quant, to_qdq
 from .weights import Checkpoint, CheckpointError, from_state_dict, open_safetensors, open_torch_pickles
 
 TOKENS = "tokens"
@@ -71,6 +72,7 @@ class HFModel:
     config: Any
     checkpoint: Checkpoint
     module: torch.nn.Module | None = None
+    quant: CheckpointQuant | None = None    # what the folder says of its quantization (prequantized.py)
 
 
 def open_model(source: Any, *, trust_remote_code: bool = False) -> HFModel:
@@ -99,7 +101,7 @@ def open_model(source: Any, *, trust_remote_code: bool = False) -> HFModel:
             raise ModelLoadError(f"{path} has a config.json but no weights (model.safetensors, a sharded "
                                  f"model.safetensors.index.json, or pytorch_model*.bin)")
         checkpoint = open_torch_pickles(pickles)
-    return HFModel(config, checkpoint)
+    return HFModel(config, checkpoint, quant=read_checkpoint_quant(path, checkpoint.tensors))
 
 
 def _load_config(path: str, trust_remote_code: bool, **kwargs: Any) -> Any:
@@ -186,14 +188,19 @@ def trace(model: HFModel, *, dtype: Any = None, attn_implementation: str = "sdpa
         impl = attn_implementation
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     wrapper = _Forward(module, additive_mask=impl == "eager", window=window)
-    program = _export(wrapper, module, config)
     weights = _bind_tied(model.checkpoint, module, config)
+    quantized = model.quant is not None and not model.quant.from_float  # tensors already quantized
+    if quantized:
+        bind_quantized(weights, model.quant, torch_dtype)
+    program = _export(wrapper, module, config)
     T = "T"
     with stage("converting to kiln IR"):
         graph = aten.convert(program, inputs=[(TOKENS, TensorType(DType.i32, (T,))),
                                                (POSITIONS, TensorType(DType.i32, (T,)))],
                              weights=weights, name="main",
                              progress=lambda nodes: tqdm(nodes, desc="converting", unit="op", leave=False))
+    if quantized:
+        to_qdq(graph)
     _check_weights(graph, model.checkpoint)
     return graph
 

@@ -84,6 +84,11 @@ class ReferenceExecutable:
                                          and _has_symbol(op.attrs[k])]
                                 for op in self.graph.ops}
 
+    def load_params(self) -> None:
+        """Read every parameter now: a server loads its weights at start, not on its first request."""
+        for v in self.graph.params.values():
+            self._param(v)
+
     def _param(self, v: Value) -> torch.Tensor:
         if v.name not in self.params:
             self.params[v.name] = load_param(v, self.device)

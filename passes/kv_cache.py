@@ -17,6 +17,7 @@ from ..ir.builder import Builder
 from ..ir.graph import Graph, Op, Value
 from ..ir.types import DType, TensorType, dim_add
 from .manager import register_pass, remark
+from .pattern import P, Var
 
 METADATA = ("slot_mapping", "block_tables", "context_lens", "query_start", "logits_indices")
 SERVING_INPUTS = ("tokens", "positions", *METADATA)
@@ -54,10 +55,15 @@ def _lm_head(graph: Graph) -> tuple[Op, list[Op]] | None:
     if len(graph.outputs) != 1:
         return None
     v, chain = graph.outputs[0], []
-    while v.op is not None and v.op.name == "core.reshape":
+    while v.op is not None and v.op.name in _LOGITS_CHAIN:
         chain.append(v.op)
         v = v.op.operands[0]
     return (v.op, chain) if v.op is not None and v.op.name == "llm.linear" else None
+
+
+_LOGITS_CHAIN = ("core.reshape", "core.slice", "dist.all_gather")
+"""Ops between the lm_head and the output that keep its rows: reshapes, and a tensor-parallel
+graph's gather of the vocabulary shards (cut back to the vocabulary where it was padded)."""
 
 
 @register_pass("kv-cache")
@@ -90,8 +96,10 @@ def _page(graph: Graph, op: Op, layer: int, block: int, kv_dtype: str, meta: dic
     q, k, v = op.operands
     _, heads, tokens, dim = q.type.shape
     kv_heads = k.type.shape[1]
-    cache_dtype = k.type.dtype if kv_dtype == "auto" else DType.parse(kv_dtype)
-    if cache_dtype is not k.type.dtype:
+    k_in, v_in = k, v
+    k, v, stored, scales = _quantized_cache(graph, op, k, v)
+    cache_dtype = stored or (k.type.dtype if kv_dtype == "auto" else DType.parse(kv_dtype))
+    if stored is None and cache_dtype is not k.type.dtype:
         raise ServingGraphError(f"kv_dtype={kv_dtype}: a cache in another dtype than the model's is the "
                                 f"quantization passes' job (kv_cache_quant_algo)")
     cache = TensorType(cache_dtype, ("NB", block, kv_heads, dim))
@@ -104,21 +112,52 @@ def _page(graph: Graph, op: Op, layer: int, block: int, kv_dtype: str, meta: dic
 
     out = b.llm.paged_attention(packed(q, heads), packed(k, kv_heads), packed(v, kv_heads), k_cache, v_cache,
                                 meta["slot_mapping"], meta["block_tables"], meta["context_lens"],
-                                meta["query_start"], scale=op.attrs["scale"], window=op.attrs["window"])
+                                meta["query_start"], scale=op.attrs["scale"], window=op.attrs["window"], **scales)
     result = b.core.permute(b.core.reshape(out, shape=[1, tokens, heads, dim]), dims=[0, 2, 1, 3])
     graph.replace_all_uses(op.results[0], result)
     graph.erase_op(op)
+    for rounded in (k_in, v_in) if scales else ():   # the e4m3 round trips the cache now does itself
+        for dead in (rounded.op, rounded.op.operands[0].op):
+            if all(graph.num_uses(r) == 0 for r in dead.results):
+                graph.erase_op(dead)
 
 
-def _select_rows(graph: Graph, head: Op, reshapes: list[Op], indices: Value) -> None:
+_KV_QDQ = P("quant.dequantize", P("quant.quantize", Var("x"), Var("s"), name="q",
+                                  attrs={"dtype": DType.f8e4m3, "axis": None}), Var("s"))
+
+
+def _cache_scale(graph: Graph, x: Value) -> tuple[Value, float] | None:
+    """(x before e4m3 Q/DQ, its scale) where the quantize pass put x through an FP8 KV cache's rounding."""
+    m = next(iter(_KV_QDQ.match(graph, x, {})), None)
+    if m is None or not m["s"].is_param or m["s"].storage is None or m["s"].type.shape != ():
+        return None
+    return m["x"], float(m["s"].storage.load())
+
+
+def _quantized_cache(graph: Graph, op: Op, k: Value, v: Value) -> tuple[Value, Value, DType | None, dict[str, float]]:
+    """k and v as the cache receives them, and the cache's dtype and scales when the quantize pass
+    made the KV cache FP8 (k and v both e4m3 Q/DQ with per-tensor scales)."""
+    found = _cache_scale(graph, k), _cache_scale(graph, v)
+    if found == (None, None):
+        return k, v, None, {}
+    if None in found:
+        raise ServingGraphError(f"{op.results[0].ref}: only one of k and v goes through an FP8 KV cache's "
+                                f"quantization; quantize both (quantize{{kv=fp8}}) or neither")
+    (k, k_scale), (v, v_scale) = found
+    return k, v, DType.f8e4m3, {"k_scale": k_scale, "v_scale": v_scale}
+
+
+def _select_rows(graph: Graph, head: Op, chain: list[Op], indices: Value) -> None:
     x = head.operands[0]
     rows = x.type.rank - 2
     b = Builder(graph, before=head, loc=head.loc)
     picked = b.core.gather(x, indices, dim=rows)
     logits = b.llm.linear(picked, *head.operands[1:])
     tokens, n = x.type.shape[rows], indices.type.shape[0]
+    for op in reversed([o for o in chain if o.name != "core.reshape"]):
+        logits = b.op(op.opdef, logits, **op.attrs)
     final = b.core.reshape(logits, shape=[n if d == tokens else d for d in graph.outputs[0].type.shape])
     graph.set_outputs([final])
-    for op in [*reshapes, head]:
+    for op in [*chain, head]:
         if graph.num_uses(op.results[0]) == 0:
             graph.erase_op(op)

@@ -71,7 +71,9 @@ def registered_passes() -> dict[str, PassInfo]:
 
 
 def _ensure_passes_loaded() -> None:
-    from . import attention, canonicalize, cleanup, fold, fusions, kv_cache, quantize  # noqa: F401  (registers the built-in passes)
+    from . import (  # noqa: F401  (registers the built-in passes)
+        attention, awq, canonicalize, cleanup, fold, fusions, kv_cache, quantize, quantized_linear, smooth,
+        tensor_parallel)
 
 
 _REMARKS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("kiln_pass_remarks", default=None)

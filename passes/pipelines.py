@@ -12,5 +12,15 @@ PIPELINES: dict[str, str] = {
     "stateless": FUSE,                                    # the fused forward of one sequence
     "serving": f"{FUSE},kv-cache{{block=16}},{CLEANUP}",  # what the runtime calls every step
     "reference": f"{FUSE},kv-cache{{block=16}},{CLEANUP}",
+    "cuda": f"{FUSE},kv-cache{{block=16}},{CLEANUP},fuse-for-kernels,{CLEANUP}",  # the forms kiln's kernels take
+    "trt": f"{FUSE},kv-cache{{block=16}},{CLEANUP},fuse-for-kernels,{CLEANUP}",   # the same forms, as TensorRT plugins
+    "onnx": f"{FUSE},kv-cache{{block=16}},{CLEANUP}",                   # standard ops only
 }
 """Pipeline name -> pipeline string. Targets add theirs as their backends land."""
+
+QUANTIZED_LINEAR_FUSION: dict[str, str] = {
+    "reference": "fuse-quantized-linear,dce",
+    "cuda": "fuse-quantized-linear,dce",
+}
+"""Target -> what folds a quantized graph's Q/DQ pairs into quantized GEMMs (run after its pipeline);
+targets not listed (onnx, trt) keep the Q/DQ form, which they lower to QuantizeLinear/DequantizeLinear."""

@@ -119,9 +119,9 @@ class LLM:
                  trust_remote_code: bool = False):
         from ..api import CompiledModel, compile as kiln_compile, is_artifact, load as load_artifact
 
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 needs the tensor-parallel runtime, which this version "
-                             "does not have yet; use tensor_parallel_size=1")
+        if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or \
+                tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
         kv_cache_config = kv_cache_config or KvCacheConfig()
         if isinstance(model, CompiledModel):
             self.model = model
@@ -134,15 +134,36 @@ class LLM:
         self.tokenizer = None if skip_tokenizer_init else tokenizer if tokenizer is not None and not isinstance(
             tokenizer, str) else self._load_tokenizer(tokenizer)
         config = self.model.config
-        self.engine = Engine(self.model.graph, self.model.executable(), tokenizer=self.tokenizer,
-                             kv_cache_config=kv_cache_config, build_config=build_config,
-                             max_positions=config.get("max_positions"), eos_token_ids=config.get("eos_token_ids", ()),
-                             device=self.model.device)
+        graph, executable, self.parallel = self.model.graph, None, None
+        if tensor_parallel_size > 1:  # one process per rank; this one is rank 0 and drives them all
+            from .distributed import launch
+
+            self.parallel = launch(self.model, tensor_parallel_size)
+            graph, executable = self.parallel.graph, self.parallel.executable
+        try:
+            self.engine = Engine(graph, executable if executable is not None else self.model.executable(),
+                                 tokenizer=self.tokenizer, kv_cache_config=kv_cache_config, build_config=build_config,
+                                 max_positions=config.get("max_positions"),
+                                 eos_token_ids=config.get("eos_token_ids", ()), device=self.model.device)
+        except BaseException:
+            self.close()
+            raise
         self._ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: dict[str, RequestFuture] = {}
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (also done at interpreter exit)."""
+        if self.parallel is not None:
+            self.parallel.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _load_tokenizer(self, name: str | None) -> Any:
         from ..frontends.hf import tokenizer_for

@@ -23,3 +23,29 @@ def smollm2():
     folder, name = os.path.split(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return load(path), model, tokenizer_for(path)
+
+
+@pytest.fixture(scope="session")
+def pydoc_llama(tmp_path_factory):
+    """A tiny random Llama folder (hidden 64, GQA 4/2 heads, 2 layers) with a word-level tokenizer
+    over pydoc_data.topics' 120 commonest words, so that calibration and evaluation text read as
+    varied token ids without a download: the folder."""
+    import collections
+    import pydoc_data.topics
+    import re
+
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("pydoc-llama")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    tf.LlamaForCausalLM(config).eval().save_pretrained(folder)
+    words = collections.Counter(re.findall(r"\w+", " ".join(pydoc_data.topics.topics.values())))
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *(w for w, _ in words.most_common(120))])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                               unk_token="<unk>").save_pretrained(folder)
+    return folder

@@ -4,6 +4,8 @@
     kiln compile smollm2 --out smol/ && kiln generate -m smol/ "Hello"
     kiln run examples/llama_block.ir --pipeline canonicalize,cse,dce --check
     kiln irdump examples/llama_block.ir --stats --dim T=128
+    kiln bench llama-3.1-8b --compare --markdown bench.md   # speed vs transformers, on a GPU
+    kiln eval-ppl smollm2 --quant fp8 --kv-cache fp8         # perplexity, float and quantized
     kiln ops            # every registered op with its schema
     kiln passes         # every registered pass with its options
 """
@@ -23,7 +25,7 @@ from ..ir.registry import REQUIRED, registered_ops
 from ..ir.verifier import VerificationError
 from ..passes.manager import PassError, PipelineError, run_pipeline
 from ..testing import assert_same_function, random_inputs, random_params
-from . import irdump
+from . import bench, eval_ppl, irdump
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -119,7 +121,8 @@ def _passes(args: argparse.Namespace) -> int:
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", "-t", default="auto", help="auto, reference, cuda, trt, onnx")
-    p.add_argument("--quant", "-q", default=None, help="quantization mode (none yet)")
+    p.add_argument("--quant", "-q", default=None,
+                   help="fp8, fp8-per-channel, int8_sq, int4_awq, w4a16, int8_wo, llm.int8, fp8_kv, or fp8+fp8_kv")
     p.add_argument("--dtype", default="auto", help="auto, f32, f16, bf16")
     p.add_argument("--tokens-per-block", type=int, default=16)
 
@@ -161,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("irdump", help="print, diff, draw and count the IR around passes (see irdump --help)")
     irdump.add_arguments(p)
     p.set_defaults(fn=lambda a: irdump.run(a))
+    p = sub.add_parser("bench", help="serving speed of a model against transformers (see kiln bench --help)")
+    bench.add_arguments(p)
+    p.set_defaults(fn=bench.run)
+    p = sub.add_parser("eval-ppl", help="perplexity on held-out text, float and quantized (see kiln eval-ppl --help)")
+    eval_ppl.add_arguments(p)
+    p.set_defaults(fn=eval_ppl.run)
     p = sub.add_parser("ops", help="list the registered ops")
     p.add_argument("filter", nargs="?", help="only ops whose name contains this")
     p.set_defaults(fn=_ops)

@@ -74,6 +74,20 @@ def rms_norm(x, weight, *, eps: float = 1e-6):
     return weight * normed
 
 
+def _add_rms_norm(x: TensorType, residual: TensorType, weight: TensorType, *, eps: float) -> tuple[TensorType, ...]:
+    if x != residual:
+        raise OpError(f"x {x} and residual {residual} must have one type")
+    return _rms_norm(x, weight, eps=eps), x
+
+
+@op("llm.add_rms_norm", infer=_add_rms_norm, num_results=2)
+def add_rms_norm(x, residual, weight, *, eps: float = 1e-6):
+    """(rms_norm(x + residual), x + residual): a decoder's residual add and the next norm read the
+    stream once in one kernel."""
+    h = x + residual
+    return rms_norm(h, weight, eps=eps), h
+
+
 def _layer_norm(x: TensorType, weight: TensorType | None = None, bias: TensorType | None = None, *,
                 eps: float) -> TensorType:
     if not x.dtype.is_float:
@@ -191,12 +205,17 @@ def silu_mul(gate, up):
 
 def _paged_attention(q: TensorType, k: TensorType, v: TensorType, k_cache: TensorType, v_cache: TensorType,
                      slot_mapping: TensorType, block_tables: TensorType, context_lens: TensorType,
-                     query_start: TensorType, *, scale: float | None, window: int | None) -> TensorType:
+                     query_start: TensorType, positions: TensorType | None = None, inv_freq: TensorType | None = None,
+                     *, scale: float | None, window: int | None, rope_scale: float, k_scale: float | None,
+                     v_scale: float | None) -> TensorType:
     if not (q.rank == k.rank == v.rank == 3) or q.shape[0] != k.shape[0] or k.shape != v.shape:
         raise OpError(f"q, k, v must be [tokens, heads, head_dim] with one token count, got {q}, {k}, {v}")
     if k_cache.rank != 4 or k_cache != v_cache or tuple(k_cache.shape[2:]) != tuple(k.shape[1:]):
         raise OpError(f"caches must be [blocks, block_size, {k.shape[1]}, {k.shape[2]}] for k {k}, got {k_cache}, {v_cache}")
-    if k_cache.dtype is not k.dtype:
+    if (k_scale is None) != (v_scale is None) or (k_scale is not None) != (k_cache.dtype in _FP8_CACHE):
+        raise OpError(f"k_scale and v_scale come with an fp8 cache ({' or '.join(map(str, _FP8_CACHE))}) and only "
+                      f"with one, both; got a {k_cache.dtype} cache, k_scale={k_scale}, v_scale={v_scale}")
+    if k_cache.dtype is not k.dtype and k_scale is None:
         raise OpError(f"cache dtype {k_cache.dtype} differs from k's {k.dtype}")
     if q.shape[2] != k.shape[2] or isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
         raise OpError(f"q {q} heads must be a multiple of k {k} heads, with one head_dim")
@@ -210,31 +229,58 @@ def _paged_attention(q: TensorType, k: TensorType, v: TensorType, k_cache: Tenso
         raise OpError(f"query_start must be i32[seqs+1], got {query_start}")
     if window is not None and window < 1:
         raise OpError(f"window must be positive, got {window}")
+    if (positions is None) != (inv_freq is None):
+        raise OpError("positions and inv_freq come together: both (rope fused in) or neither")
+    if positions is not None and (positions.shape != (q.shape[0],) or positions.dtype not in (DType.i32, DType.i64)
+                                  or inv_freq.shape != (q.shape[2] // 2,)):
+        raise OpError(f"fused rope needs positions i32[{q.shape[0]}] and inv_freq [{q.shape[2]}/2], got "
+                      f"{positions}, {inv_freq}")
     return q
 
 
 @op("llm.paged_attention", infer=_paged_attention, side_effects=True)
-def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start, *,
-                    scale: float | None = None, window: int | None = None):
+def paged_attention(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, query_start, positions=None,
+                    inv_freq=None, *, scale: float | None = None, window: int | None = None, rope_scale: float = 1.0,
+                    k_scale: float | None = None, v_scale: float | None = None):
     """Causal attention of the tokens of many sequences packed in one axis, over each sequence's
     history in a paged KV cache. First the new k/v are written to their slots (slot = block *
     block_size + offset; a negative slot is padding and is skipped), then sequence b's queries,
     rows query_start[b]:query_start[b+1], attend to its first context_lens[b] cached tokens, read
     through block_tables[b]; its last query is the token at position context_lens[b] - 1. The
-    caches are updated in place: the runtime owns them."""
+    caches are updated in place: the runtime owns them. With `positions` and `inv_freq`, q and k
+    are first rotated as `llm.rope` does (full head_dim, half-split), so that a kernel can rotate
+    and store K in one pass. An fp8 cache (FP8 KV) stores e4m3(k / k_scale), saturated, and reads
+    back stored * k_scale in f32 (v likewise)."""
+    if positions is not None:
+        q = rope(q[None], positions[None], inv_freq, scale=rope_scale)[0]
+        k = rope(k[None], positions[None], inv_freq, scale=rope_scale)[0]
     bs = k_cache.shape[1]
     live = slot_mapping >= 0
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[live]] = k[live]
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[live]] = v[live]
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[live]] = _to_cache(k[live], k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[live]] = _to_cache(v[live], v_cache.dtype, v_scale)
     out = torch.zeros_like(q)
     for b in range(context_lens.shape[0]):
         start, end, ctx = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
         if end <= start:
             continue
         blocks = block_tables[b, : (ctx + bs - 1) // bs].long()
-        keys = k_cache[blocks].flatten(0, 1)[:ctx]                    # [ctx, Hkv, D]
-        values = v_cache[blocks].flatten(0, 1)[:ctx]
+        keys = _from_cache(k_cache[blocks].flatten(0, 1)[:ctx], k_scale)       # [ctx, Hkv, D]
+        values = _from_cache(v_cache[blocks].flatten(0, 1)[:ctx], v_scale)
         out[start:end] = attention(q[start:end].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                    values.transpose(0, 1)[None], causal=True, scale=scale,
                                    window=window)[0].transpose(0, 1)
     return out
+
+
+_FP8_CACHE = {DType.f8e4m3: 448.0, DType.f8e5m2: 57344.0}
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float | None) -> torch.Tensor:
+    if scale is None:
+        return x
+    top = _FP8_CACHE[DType.from_torch(dtype)]
+    return (x.float() / scale).clamp(-top, top).to(dtype)
+
+
+def _from_cache(stored: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return stored if scale is None else stored.float() * scale

@@ -96,7 +96,7 @@ def test_options_reach_the_pass_typed_with_defaults():
 
 
 @pytest.mark.parametrize("pipeline, message", [
-    ("canonicalize,cse,dcee", r"unknown pass 'dcee'; known passes: canonicalize, cse, dce, fold-constants, "),
+    ("canonicalize,cse,dcee", r"unknown pass 'dcee'; known passes: (.*, )?canonicalize, cse, dce, fold-constants, "),
     ("canonicalize{folding=true}", r"pass canonicalize has no option 'folding'; its options: fold \(bool, default true\)"),
     ("cse{x=1}", r"pass cse has no option 'x'; its options: none"),
     ("test-options{n=1.5}", r"test-options: option n='1.5' is not a valid int"),

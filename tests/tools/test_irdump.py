@@ -89,7 +89,7 @@ def test_list_passes(capsys):
 
 
 @pytest.mark.parametrize("argv, code, message", [
-    (["-p", "canonicalize,no-such-pass"], 2, "unknown pass 'no-such-pass'; known passes: canonicalize, cse, dce"),
+    (["-p", "canonicalize,no-such-pass"], 2, "unknown pass 'no-such-pass'; known passes: awq, calibrate, canonicalize, cse, dce"),
     (["-p", "dce{bogus=1}"], 2, "pass dce has no option 'bogus'; its options: params (bool, default true)"),
     (["-p", "dce{params=maybe}"], 2, "option params='maybe' is not a valid bool"),
     (["--print-after", "nope", "-p", "dce"], 2, "cannot print around unknown pass 'nope'"),

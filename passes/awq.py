@@ -15,7 +15,6 @@ Everything is lazy: the new parameters are scaled and clipped views of the origi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +61,9 @@ class AwqSettings:
 _BATCH = 1 << 25   # elements of the candidate tensors evaluated at once
 
 
-def search_scale(group: LinearGroup, x: torch.Tensor, x_mean: torch.Tensor, settings: AwqSettings,
-                 inspect: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> tuple[torch.Tensor, float, float]:
-    """AWQ's grid search: (s per fold channel, best loss, loss without scaling). The loss compares
-    inspect(output of the group's linears), float against quantized (AutoAWQ's module2inspect)."""
+def search_scale(group: LinearGroup, x: torch.Tensor, x_mean: torch.Tensor, settings: AwqSettings
+                 ) -> tuple[torch.Tensor, float, float]:
+    """AWQ's grid search: (s per fold channel, best loss, loss without scaling)."""
     w = group.weight()
     gs = settings.group_size
     norm = w.abs().reshape(w.shape[0], -1, gs)
@@ -76,14 +74,14 @@ def search_scale(group: LinearGroup, x: torch.Tensor, x_mean: torch.Tensor, sett
     s = (x_fold[None].pow(r) / (w_fold[None].pow(1 - r) + 1e-4)).clamp(min=1e-4)     # [grid, fold channels]
     s = s / (s.amax(1, keepdim=True) * s.amin(1, keepdim=True)).sqrt()
     s_x = s[:, fold.tie][:, None, :]                                                   # [grid, 1, K]
-    ref = inspect(x @ w.t())
+    ref = x @ w.t()
     losses = []
     step = max(1, _BATCH // w.numel())
     for i in range(0, settings.grid, step):
         wq = fake_quantize_int4(w[None] * s_x[i:i + step], gs, settings.zero_point) / s_x[i:i + step]
-        losses.append((inspect(x @ wq.transpose(1, 2)) - ref).pow(2).flatten(1).mean(1))
+        losses.append((x @ wq.transpose(1, 2) - ref).pow(2).mean((1, 2)))
     losses = torch.cat(losses)
-    plain = (inspect(x @ fake_quantize_int4(w, gs, settings.zero_point).t()) - ref).pow(2).mean().item()
+    plain = (x @ fake_quantize_int4(w, gs, settings.zero_point).t() - ref).pow(2).mean().item()
     best = int(losses.argmin())
     return s[best], float(losses[best]), plain
 
@@ -108,31 +106,6 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AwqSettings) -> torc
         err = torch.einsum("sgk,cngk->cnsg", xg, q - wg[None]).pow(2).mean(2)          # [steps, n, groups]
         bounds.append(bound.gather(0, err.argmin(0, keepdim=True))[0])
     return torch.cat(bounds)
-
-
-_MLP = P("llm.linear", P("llm.silu_mul", P("core.slice", Var("out"), name="gate", attrs={"step": 1}),
-                        P("core.slice", Var("out"), name="up", attrs={"step": 1})),
-         Var("down", where=lambda v: v.is_param and v.storage is not None), variadic=True)
-
-
-def mlp_output(graph: Graph, group: LinearGroup) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For a merged gate/up linear, the MLP's output as a function of its output rows
-    (down(silu(gate) * up), with the float down projection): what AutoAWQ's search inspects."""
-    if len(group.linears) != 1:
-        return None
-    out = group.linears[0].results[0]
-    downs = {id(d): d for sl in graph.users(out) for act in graph.users(sl.results[0])
-             for d in graph.users(act.results[0]) if d.name == "llm.linear"}
-    for down in downs.values():
-        m = next(iter(_MLP.match_op(graph, down, {})), None)
-        if m is None or m["out"] is not out:
-            continue
-        gate, up = (m[k].op.attrs for k in ("gate", "up"))
-        n = out.type.shape[-1]
-        g0, g1, u0, u1 = gate["start"], gate["end"] or n, up["start"], up["end"] or n
-        wd = m["down"].storage.load().float()
-        return lambda y: (torch.nn.functional.silu(y[..., g0:g1]) * y[..., u0:u1]) @ wd.t()
-    return None
 
 
 _ROPE_ROWS = P("llm.rope", P("core.reshape", P("core.slice", Var("out"), name="rows")), Var(), Var(), variadic=True)
@@ -198,8 +171,7 @@ def awq_graph(graph: Graph, calibration: Calibration, settings: AwqSettings, exc
             remark(f"{group.where} is not searched: in_features {k} is not a multiple of {settings.group_size}")
             continue
         if group.fold is not None:
-            inspect = mlp_output(graph, group) or (lambda y: y)
-            s, _, _ = search_scale(group, stats.rows, stats.channel_mean_abs, settings, inspect)
+            s, _, _ = search_scale(group, stats.rows, stats.channel_mean_abs, settings)
             calibration = apply_scale(graph, group, s, calibration, "awq")
             count += 1
         else:

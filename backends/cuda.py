@@ -28,6 +28,7 @@ from ..ir.storage import DerivedStorage, SafetensorsStorage, Storage, TensorStor
 from ..ir.types import DType
 from ..passes.kv_cache import SERVING_INPUTS
 from . import StepInfo
+from .all_reduce import AllReduce
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 """Decode batch sizes captured as CUDA graphs (on first use); a batch pads to the next one."""
@@ -43,6 +44,7 @@ class StepContext:
 
     step: StepInfo
     rope_tables: "RopeTables"
+    all_reduce: AllReduce
 
 
 Lowering = Callable[..., Any]
@@ -145,6 +147,11 @@ def _paged_attention(ctx: StepContext, q, k, v, k_cache, v_cache, slot_mapping, 
                                    step.max_query_len, scale, ks, vs)
 
 
+@lowering("dist.all_reduce")
+def _all_reduce(ctx: StepContext, x: torch.Tensor, *, reduce: str) -> Any:
+    return ctx.all_reduce(x, reduce)
+
+
 @dataclass
 class RopeTables:
     """cos/sin per position for each (inv_freq, scale), grown to the longest context seen."""
@@ -229,6 +236,12 @@ def _reference(opdef) -> Callable[..., Any]:
     return lambda ctx, *args, **attrs: opdef.run_reference(*args, **attrs)
 
 
+def _symbolic(attrs: dict[str, Any]) -> bool:
+    """Whether an attribute names a symbolic dim (known only per step)."""
+    return any(isinstance(a, str) or isinstance(a, (tuple, list)) and any(isinstance(d, str) for d in a)
+               for a in attrs.values())
+
+
 def _symbolic_reshape(attrs: dict[str, Any]) -> dict[str, Any] | None:
     """A reshape whose one symbolic dim can be left to torch (-1); None if it has more."""
     shape = attrs["shape"]
@@ -285,11 +298,13 @@ class CudaExecutable:
         self.program: list[_Instr] = []
         constant = {id(v) for v in graph.params.values()}
         for op, free in zip(graph.ops, frees):
-            if op.opdef.is_pure and op.operands and all(id(v) in constant for v in op.operands):
-                # weights-only arithmetic (a cast of rope frequencies, a reshape): computed once, here
+            if (op.opdef.is_pure and all(id(v) in constant for v in op.operands)
+                    and (op.operands or not _symbolic(op.attrs))):
+                # weights-only arithmetic (a cast of rope frequencies, a reshape) and splat constants: computed
+                # once, here, on the device (a host scalar read in a step would be a copy CUDA graphs refuse)
                 outs = op.opdef.run_reference(*(self.template[slots[id(v)]] for v in op.operands), **op.attrs)
                 for r, t in zip(op.results, outs):
-                    self.template[slots[id(r)]] = t
+                    self.template[slots[id(r)]] = t.to(device) if isinstance(t, torch.Tensor) else t
                     constant.add(id(r))
                 continue
             attrs = dict(op.attrs)
@@ -302,6 +317,8 @@ class CudaExecutable:
             self.program.append(_Instr(LOWERINGS.get(op.name, ref), ref, tuple(slots[id(v)] for v in op.operands),
                                        attrs, tuple(slots[id(r)] for r in op.results), free, op.name))
         self.rope_tables = RopeTables()
+        has_collectives = any(op.name == "dist.all_reduce" for op in graph.ops)
+        self.all_reduce = AllReduce.for_job(device) if has_collectives else AllReduce(1)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
         self._graph_pool = None
@@ -310,7 +327,7 @@ class CudaExecutable:
     # -- running ----------------------------------------------------------------------------------
 
     def run_program(self, inputs: Sequence[torch.Tensor], step: StepInfo) -> list[torch.Tensor]:
-        ctx = StepContext(step, self.rope_tables)
+        ctx = StepContext(step, self.rope_tables, self.all_reduce)
         env = list(self.template)
         for s, t in zip(self.input_slots, inputs):
             env[s] = t
@@ -397,7 +414,8 @@ class _CapturedDecode:
         if exe._graph_pool is None:
             exe._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=exe._graph_pool):
+        # thread_local: NCCL's watchdog thread may query events while this thread captures
+        with torch.cuda.graph(graph, pool=exe._graph_pool, capture_error_mode="thread_local"):
             logits = exe.run_program([*inputs, *caches], step)[0]
         return cls(graph, inputs, logits, batch)
 

@@ -1,9 +1,10 @@
 """Tensor parallelism at run time: one process per rank in one torch.distributed group (NCCL on
 GPUs, gloo on CPU). This process is rank 0; it keeps the scheduler and its Engine calls rank 0's
-executable like any other. Every step that executable broadcasts the step's inputs (tokens,
-positions, slot mapping, block tables, context lens, query starts, logits rows) and the size of
-the KV pool, then each rank runs its own shard of the serving graph on its own KV pool; the
-logits come back on every rank through the graph's all-gather.
+executable like any other. Every step that executable sends each worker, in one message down a
+pipe, the step's inputs (tokens, positions, slot mapping, block tables, context lens, query starts,
+logits rows), the size of the KV pool and the step's shape; then each rank runs its own shard of the
+serving graph on its own KV pool. The logits come back on every rank through the graph's
+all-gather. Calls (loading, measuring) go over a gloo group.
 
     tp = launch(kiln.compile(model), tensor_parallel_size=2)   # starts ranks 1.. and loads every shard
     engine = Engine(tp.graph, tp.executable, ...)                # rank 0's graph, caches and scheduler
@@ -20,6 +21,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -46,8 +48,11 @@ from ..ir.storage import (
 from ..passes.kv_cache import SERVING_INPUTS
 
 CALL, STEP, STOP = 1, 2, 3
-HEADER = 3 + 2 * len(SERVING_INPUTS)
-"""A step's header: command, payload length, KV pool blocks, then each input's shape (two dims, -1 if absent)."""
+STEP_FIELDS = 4
+HEADER = 3 + 2 * len(SERVING_INPUTS) + STEP_FIELDS
+"""A step's header: command, payload length, KV pool blocks, each input's shape (two dims, -1 if absent),
+then rank 0's StepInfo, so that every rank makes the same choices (which CUDA graph to replay or
+capture), and their collectives stay matched."""
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 """Workers wait for rank 0's next command as long as the server lives."""
 
@@ -174,19 +179,21 @@ class Ranks:
         store = torch_dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=start_timeout_s))
         ctx = mp.get_context("spawn")
-        self._procs, self._status, self._lifelines = [], [], []
+        self._procs, self._status, self._lifelines, self._commands = [], [], [], []
         for rank in range(1, world_size):
             status_parent, status_child = ctx.Pipe(duplex=False)
             life_child, life_parent = ctx.Pipe(duplex=False)
+            commands_child, commands_parent = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, name=f"kiln-tp-rank{rank}", daemon=True,
                                args=(rank, world_size, store.port, self.backend, _device_of(device, rank),
-                                     collective_timeout_s, status_child, life_child))
+                                     collective_timeout_s, status_child, life_child, commands_child))
             proc.start()
-            status_child.close()
-            life_child.close()
+            for child in (status_child, life_child, commands_child):
+                child.close()
             self._procs.append(proc)
             self._status.append(status_parent)
             self._lifelines.append(life_parent)
+            self._commands.append(commands_parent)
         _LIVE.add(self)
         try:
             self._await_workers(start_timeout_s)
@@ -293,9 +300,13 @@ class Ranks:
                 self._shutdown(graceful=False)
             return RankError(str(self._failure))
 
-    def _send(self, header: Sequence[int]) -> None:
+    def _send(self, header: Sequence[int], payload: torch.Tensor | None = None) -> None:
+        """One message per worker down its command pipe (a step's latency is this plus the worker's wake-up;
+        a collective over gloo cost several times more)."""
         h = torch.tensor(list(header) + [0] * (HEADER - len(header)), dtype=torch.int64)
-        torch_dist.broadcast(h, 0, group=self.control)
+        message = (h if payload is None else torch.cat([h, payload])).numpy().tobytes()
+        for conn in self._commands:
+            conn.send_bytes(message)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """fn(state, *args) on every rank (fn importable by workers); returns every rank's result."""
@@ -324,8 +335,7 @@ class Ranks:
         with self._lock:
             self.check()
             try:
-                self._send([STEP, payload.numel(), *header])
-                torch_dist.broadcast(payload, 0, group=self.control)
+                self._send([STEP, payload.numel(), *header], payload)
             except Exception as e:
                 raise self.fail(e) from e
 
@@ -350,14 +360,15 @@ class Ranks:
                 self._send([STOP])
             except Exception:  # noqa: BLE001  (a worker already gone: it is stopped below either way)
                 graceful = False
+        if self.backend == "nccl" and torch_dist.is_initialized():  # every rank aborts at once; none waits on another
+            _leave_group(self.backend)
         deadline = time.monotonic() + (timeout_s if graceful else 0.0)
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
         self._kill_workers()
         if torch_dist.is_initialized():
-            with contextlib.suppress(Exception):  # a group broken by a dead peer
-                torch_dist.destroy_process_group()
-        for c in [*self._status, *self._lifelines]:
+            _leave_group(self.backend)
+        for c in [*self._status, *self._lifelines, *self._commands]:
             c.close()
         _LIVE.discard(self)
 
@@ -401,7 +412,7 @@ def _is_collective_error(error: BaseException) -> bool:
 
 
 def _worker_main(rank: int, world_size: int, port: int, backend: str, device: str, timeout_s: float,
-                 status: Any, lifeline: Any) -> None:
+                 status: Any, lifeline: Any, commands: Any) -> None:
     """A worker rank: join the group, then run rank 0's commands until STOP."""
     threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     try:
@@ -416,9 +427,9 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, device: st
                                       timeout=datetime.timedelta(seconds=timeout_s))
         control = torch_dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         state = RankState(rank, world_size, device)
-        header = torch.empty(HEADER, dtype=torch.int64)
         while True:
-            torch_dist.broadcast(header, 0, group=control)
+            message = torch.frombuffer(bytearray(commands.recv_bytes()), dtype=torch.int64)
+            header, payload = message[:HEADER], message[HEADER:]
             command = int(header[0])
             if command == STOP:
                 break
@@ -432,15 +443,25 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, device: st
                     result = (False, f"{type(e).__name__}: {e}")
                 torch_dist.gather_object(result, None, dst=0, group=control)
             elif command == STEP:
-                payload = torch.empty(int(header[1]), dtype=torch.int64)
-                torch_dist.broadcast(payload, 0, group=control)
                 _run_step(state, header[2:].tolist(), payload)
-        torch_dist.destroy_process_group()
+        _leave_group(backend)
     except BaseException as e:  # noqa: BLE001  (whatever ends a worker is reported to rank 0)
         try:
             status.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         finally:
             os._exit(1)
+
+
+def _leave_group(backend: str) -> None:
+    """Leave the process group without waiting on peers: NCCL's communicators are aborted (destroying
+    them is collective and hangs once a peer has gone, or with captured collectives outstanding);
+    gloo's group is destroyed."""
+    abort = getattr(torch_dist.distributed_c10d, "_abort_process_group", None)
+    with contextlib.suppress(Exception):  # a group already broken by a dead peer
+        if backend == "nccl" and abort is not None:
+            abort()
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 def _exit_with_parent(lifeline: Any) -> None:
@@ -479,7 +500,7 @@ def _unpack(header: list[int], payload: torch.Tensor, types: Sequence[Any]) -> l
     out, at = [], 0
     for i, t in enumerate(types):
         shape = [d for d in header[1 + 2 * i: 3 + 2 * i] if d >= 0]
-        n = int(torch.tensor(shape).prod()) if shape else 1
+        n = math.prod(shape)
         out.append(payload[at: at + n].reshape(shape).to(t.dtype.torch))
         at += n
     return out
@@ -503,7 +524,10 @@ def _run_step(state: RankState, header: list[int], payload: torch.Tensor) -> Non
         state.caches = [torch.empty((num_blocks, *c.type.shape[1:]), dtype=c.type.dtype.torch, device=state.device)
                         for c in caches]
     meta = _unpack(header, payload, [v.type for v in graph.inputs[: len(SERVING_INPUTS)]])
-    _call(state.executable, meta, state.caches, state.device)
+    fields = header[1 + 2 * len(SERVING_INPUTS):][:STEP_FIELDS]
+    from ..backends import StepInfo
+
+    _call(state.executable, meta, state.caches, state.device, StepInfo(*fields) if fields[0] > 0 else None)
 
 
 class DistributedExecutable:
@@ -521,6 +545,12 @@ class DistributedExecutable:
         n = len(SERVING_INPUTS)
         meta, caches = [t.cpu() for t in inputs[:n]], list(inputs[n:])
         header, payload = _pack(meta, caches[0].shape[0] if caches else 0)
+        if step is None and getattr(self.local, "host_inputs", False):
+            from ..backends import StepInfo
+
+            step = StepInfo.of(*meta[:6])
+        if step is not None:
+            header += dataclasses.astuple(step)
         with self.ranks._lock:
             self.ranks.step(header, payload)
             try:
@@ -552,11 +582,16 @@ class TensorParallelModel:
     def tensor_parallel_size(self) -> int:
         return self.ranks.world_size
 
-    def all_reduce_seconds(self, nbytes: int, iters: int = 20, dtype: torch.dtype = torch.bfloat16) -> float:
-        """The time of one all-reduce of `nbytes` on this job's group (median over ranks' means):
-        with the graph's all-reduce count it gives the collectives' share of a step."""
+    def all_reduce_seconds(self, nbytes: int, iters: int = 32, dtype: torch.dtype = torch.bfloat16) -> float:
+        """The time of one all-reduce of `nbytes` as the executables run it (their own route, replayed
+        from a CUDA graph on GPUs; median over ranks): with the graph's all-reduce count it gives the
+        collectives' share of a step."""
         times = self.ranks.call(_time_all_reduce, nbytes, iters, dtype)
         return sorted(times)[len(times) // 2]
+
+    def memory(self) -> list[dict[str, float]]:
+        """Per rank: GiB allocated now and at the peak on its device (zeros on CPU)."""
+        return self.ranks.call(_memory)
 
     def close(self) -> None:
         """Stop every rank; the model cannot run after this."""
@@ -571,15 +606,40 @@ class TensorParallelModel:
 
 
 def _time_all_reduce(state: RankState, nbytes: int, iters: int, dtype: torch.dtype) -> float:
-    x = torch.zeros(max(1, nbytes // torch.empty((), dtype=dtype).element_size()), dtype=dtype, device=state.device)
-    sync = torch.cuda.synchronize if state.device.startswith("cuda") else (lambda: None)
-    torch_dist.all_reduce(x)
-    sync()
+    x = torch.ones(max(1, nbytes // torch.empty((), dtype=dtype).element_size()), dtype=dtype, device=state.device)
+    reduce = getattr(state.executable, "all_reduce", None)
+    if reduce is None:
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            torch_dist.all_reduce(t)
+            return t
+    if not state.device.startswith("cuda"):
+        reduce(x)
+        start = time.perf_counter()
+        for _ in range(iters):
+            reduce(x)
+        return (time.perf_counter() - start) / iters
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        reduce(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for _ in range(iters):
+            reduce(x)
+    graph.replay()
+    torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(iters):
-        torch_dist.all_reduce(x)
-    sync()
+    graph.replay()
+    torch.cuda.synchronize()
     return (time.perf_counter() - start) / iters
+
+
+def _memory(state: RankState) -> dict[str, float]:
+    if not state.device.startswith("cuda"):
+        return {"allocated_gib": 0.0, "peak_gib": 0.0}
+    return {"allocated_gib": torch.cuda.memory_allocated(state.device) / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated(state.device) / 2**30}
 
 
 def launch(model: Any, tensor_parallel_size: int, *, collective_timeout_s: float = 300.0,

@@ -171,7 +171,8 @@ def model_hidden(compiled: Any) -> int:
     return int(emb.operands[0].type.shape[1])
 
 
-def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int) -> None:
+def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int) -> Any:
+    """Measure kiln into `report`; returns the tensor-parallel job (to close once the report is out) or None."""
     from ..api import compile as kiln_compile
     from ..runtime.config import BuildConfig, KvCacheConfig
     from ..runtime.engine import Engine
@@ -187,6 +188,9 @@ def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int
         graph, exe = tp.graph, tp.executable
         nbytes = model_hidden(compiled) * 2  # one bf16 token row
         report.tensor_parallel = {"ranks": args.tp, "all_reduce_one_token_us": 1e6 * tp.all_reduce_seconds(nbytes)}
+        for r, facts in enumerate(tp.loaded):
+            report.tensor_parallel[f"rank{r}_weights_gib"] = facts["weight_bytes"] / 2**30
+            report.tensor_parallel[f"rank{r}_read_from_files_gib"] = facts["bytes_read"] / 2**30
     else:
         exe = compiled.executable()
     _sync(compiled.device)
@@ -227,8 +231,16 @@ def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int
     if hasattr(exe, "stats"):
         print(f"kiln executable: {exe.stats}")
     if tp is not None:
-        report.tensor_parallel["all_reduces_per_step"] = graph.op_counts().get("dist.all_reduce", 0)
-        tp.close()
+        per_step = graph.op_counts().get("dist.all_reduce", 0)
+        report.tensor_parallel["all_reduces_per_step"] = per_step
+        decode = [r for r in report.rows if r.system == "kiln" and r.case.startswith(f"batch {args.batches[0]},")]
+        if decode and decode[0].tpot_ms:  # what the step's collectives cost, against the measured step
+            share = per_step * report.tensor_parallel["all_reduce_one_token_us"] / 1e3 / decode[0].tpot_ms
+            report.tensor_parallel[f"all_reduce_share_batch{args.batches[0]}"] = round(share, 3)
+        for r, mem in enumerate(tp.memory()):
+            report.tensor_parallel[f"rank{r}_peak_gib"] = mem["peak_gib"]
+        print(f"kiln all-reduce route: {getattr(getattr(tp.executable, 'all_reduce', None), 'route', '-')}")
+    return tp
 
 
 # -- transformers baselines -----------------------------------------------------------------------
@@ -296,15 +308,19 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache() if device == "cuda" else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    bench_kiln(source, args, report, vocab)
-    text = report.markdown()
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(report), f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    tp = bench_kiln(source, args, report, vocab)
+    try:
+        text = report.markdown()
+        print(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(asdict(report), f, indent=2)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+    finally:
+        if tp is not None:
+            tp.close()
     return 0
 
 

@@ -170,3 +170,34 @@ def test_smollm2_f32_equals_reference_and_bf16_agrees_with_transformers():
     print(f"\nSmolLM2 bf16: {agree}/{len(ids)} prompts give transformers' first 32 greedy tokens; first "
           f"divergence per prompt: {diffs}")
     assert agree >= len(ids) // 2
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@TWO_GPUS
+@pytest.mark.parametrize("route", ["auto", "nccl"])
+def test_tensor_parallel_on_two_gpus_gives_one_ranks_tokens(route, monkeypatch):
+    """TP=2 with NCCL ranks, decode steps replayed from CUDA graphs that hold the all-reduces (one-shot
+    over symmetric memory or NCCL): the same greedy tokens as one GPU."""
+    from kiln.runtime.llm import LLM
+
+    monkeypatch.setenv("KILN_ALL_REDUCE", route)   # read by each rank's executable (workers inherit it)
+    compiled = kiln.compile(tiny().cuda(), target="cuda", progress=False)
+    ps = prompts(40)
+
+    def run(tp):
+        with LLM(compiled, skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(max_tokens=4096),
+                 build_config=BuildConfig(max_batch_size=16, max_num_tokens=256), tensor_parallel_size=tp) as llm:
+            outs = llm.generate(ps, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            exe = llm.parallel.executable if tp > 1 else None
+            facts = (dict(exe.stats), exe.all_reduce.route, ("failed",) in exe.graphs) if exe is not None else None
+            return [o.outputs[0].token_ids for o in outs], facts
+
+    one, _ = run(1)
+    two, (stats, used, failed) = run(2)
+    print(f"\nTP=2 ({route}: {used}): {stats}")
+    assert two == one
+    assert not failed and stats["graph_steps"] > 0
+    if route == "nccl":
+        assert "one-shot" not in used

@@ -125,6 +125,29 @@ def lambda_free_rank(state):
     return state.rank
 
 
+def _all_reduce_on_rank(state, mode):
+    from kiln.backends.all_reduce import AllReduce
+
+    reduce = AllReduce.for_job(torch.device("cpu"), mode)
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)[:, :2] * (state.rank + 1)  # strided, like a slice
+    return reduce.route, reduce(x), reduce(x, "max"), x
+
+
+@pytest.mark.parametrize("mode", ["auto", "nccl"])
+def test_the_cuda_backends_all_reduce_sums_across_ranks_on_cpu(mode):
+    """Off the GPU (gloo) every route is the process group's all-reduce; the input is left as it was."""
+    ranks = Ranks(2)
+    try:
+        (route, total, top, x), _ = ranks.call(_all_reduce_on_rank, mode)
+    finally:
+        ranks.close()
+    base = torch.tensor([[0.0, 1.0], [3.0, 4.0]])
+    assert route == "gloo"
+    torch.testing.assert_close(total, base * 3, rtol=0, atol=0)
+    torch.testing.assert_close(top, base * 2, rtol=0, atol=0)
+    torch.testing.assert_close(x, base, rtol=0, atol=0)
+
+
 ORPHAN = """
 import os
 from kiln.runtime.distributed import Ranks

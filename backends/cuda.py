@@ -80,6 +80,19 @@ def _linear_fp8(ctx: StepContext, x, wq, x_scale, w_scale, *, out_dtype: DType) 
     return linear_fp8(x if x.stride(-1) == 1 else x.contiguous(), wq, x_scale, w_scale, out_dtype.torch)
 
 
+@lowering("quant.quantize_rows")
+def _quantize_rows(ctx: StepContext, x, *, dtype: DType, eps: float, bound: float) -> Any:
+    from ..kernels import quantize_rows
+    from ..kernels.hardware import interpreting
+
+    if dtype is not DType.f8e4m3 or interpreting():
+        # int8 rows: the reference's ops. The interpreter's fp8 and bf16 casts do not round as a GPU does
+        # (tests/kernels/test_quantize.py checks the kernel against Triton's own casts there)
+        return NotImplemented
+
+    return quantize_rows(x, dtype.torch, eps, bound)
+
+
 @lowering("quant.linear_w8a16")
 def _linear_w8a16(ctx: StepContext, x, wq, w_scale) -> Any:
     if not _half(x):
@@ -211,7 +224,7 @@ def load_weights(graph: Graph, device: torch.device, progress: bool = True) -> d
                     from ..ir.ops.quant import unpack_i4
 
                     t = unpack_i4(t)
-                by_storage[key] = t
+                by_storage[key] = t.contiguous()  # the kernels index weights densely (a derived view may be strided)
             out[v.name] = by_storage[key]
             bar.update(v.type.nbytes({}))
     return out

@@ -890,6 +890,16 @@ def _quantize(e: Emitter, op: Op, x, scale, zero_point=None):
                   output_dtype=None if zero_point is not None else ONNX_DTYPES[dtype], **qdq_axis(op, xt))
 
 
+@lowering("quant.quantize_rows")
+def _quantize_rows(e: Emitter, op: Op, x):
+    dt, dtype = op.operands[0].type.dtype, op.attrs["dtype"]
+    amax = e.node("ReduceMax", e.node("Abs", x), e.i64([1]), keepdims=0)
+    scale = e.node("Div", e.node("Clip", amax, e.const(op.attrs["eps"], dt), None), e.const(op.attrs["bound"], dt))
+    q = e.node("QuantizeLinear", e.cast(x, dt, DType.f32), e.cast(scale, dt, DType.f32), output_dtype=ONNX_DTYPES[dtype],
+               axis=0)
+    return q, scale
+
+
 @lowering("quant.dequantize")
 def _dequantize(e: Emitter, op: Op, q, scale, zero_point=None):
     qt, st = op.operands[0].type, op.operands[1].type

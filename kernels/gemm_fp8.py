@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .gemm import DECODE_MAX_M, DecodeConfig, PrefillConfig, launch_decode, launch_prefill
+from .gemm import (
+    DECODE_MAX_M,
+    DecodeConfig,
+    PrefillConfig,
+    launch_decode,
+    launch_prefill,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Scales the kernels' epilogue reads as they are (widened to f32 in registers): no cast launched per call."""
 
 
 def quantize_fp8(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +42,7 @@ def linear_fp8(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor, w_scal
     x2 = xq.reshape(-1, xq.shape[-1])
     M, N = x2.shape[0], wq.shape[0]
     y = torch.empty((M, N), dtype=out_dtype, device=xq.device) if out is None else out.view(M, N)
-    xs, ws = x_scale.float().reshape(-1), w_scale.float().reshape(-1)
+    xs, ws = (s.reshape(-1) if s.dtype in _SCALE_DTYPES else s.float().reshape(-1) for s in (x_scale, w_scale))
     if M <= DECODE_MAX_M and not isinstance(config, PrefillConfig):
         launch_decode(x2, wq, y, xs, ws, config)
     else:

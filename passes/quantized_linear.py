@@ -138,11 +138,37 @@ QUANTIZED_LINEAR_RULES = (
 """Activation-quantized forms first: their weight side alone would also match W8A16."""
 
 
+_ROW_SCALE = P("core.div", P("core.clamp", P("core.amax", P("core.abs", Var("rows")), name="amax"), name="floor"),
+               P("core.constant", name="bound"), name="scale")
+
+
+def _rows_ok(m: Match) -> bool:
+    q, amax, floor, bound = m.root.op.attrs, m.op("amax").attrs, m.op("floor").attrs, m.op("bound").attrs
+    return (m.rows.type.rank == 2 and len(m.root.op.operands) == 2 and q["axis"] in (0, -2) and q["group_size"] is None
+            and list(amax["dims"]) in ([1], [-1]) and not amax["keepdim"] and floor["max"] is None
+            and (floor["min"] or 0) > 0 and tuple(bound["shape"]) == () and bound["dtype"] is m.rows.type.dtype
+            and bound["value"] > 0)
+
+
+def _quantize_rows(m: Match, b: Builder) -> Value:
+    q, scale = b.quant.quantize_rows(m.rows, dtype=m.root.type.dtype, eps=m.op("floor").attrs["min"],
+                                     bound=float(m.op("bound").attrs["value"]))
+    m.graph.replace_all_uses(m.scale, scale, after=m.root.op)  # the fused linear reads the scale too
+    return q
+
+
+DYNAMIC_QUANT_RULES = RuleSet(Rule("quantize-rows", P("quant.quantize", Var("rows"), _ROW_SCALE), _quantize_rows,
+                                   where=_rows_ok))
+"""Run after the linear rules, which match the plain quantize."""
+
+
 @register_pass("fuse-quantized-linear")
 def fuse_quantized_linear(graph: Graph) -> int:
-    """Q/DQ around llm.linear -> quant.linear_fp8 / linear_int8 / linear_w8a16 / linear_awq."""
+    """Q/DQ around llm.linear -> quant.linear_fp8 / linear_int8 / linear_w8a16 / linear_awq; a run-time
+    per-token scale and its quantize -> quant.quantize_rows."""
     weights = {v.name for op in graph.ops if op.name == "quant.dequantize" for v in op.operands if v.is_param}
     count = apply_greedily(graph, QUANTIZED_LINEAR_RULES, explain=True)
+    count += apply_greedily(graph, DYNAMIC_QUANT_RULES, explain=True)
     for name in weights:  # the int4 values, scales and zero points now held in AutoAWQ's layout
         if name in graph.params and graph.num_uses(graph.params[name]) == 0:
             graph.remove_param(name)

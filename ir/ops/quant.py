@@ -92,6 +92,25 @@ def quantize(x, scale, zero_point=None, *, dtype: DType, axis: int | None = None
     return q.to(dtype.torch)
 
 
+def _quantize_rows(x: TensorType, *, dtype: DType, eps: float, bound: float) -> tuple[TensorType, TensorType]:
+    if dtype not in _INT_RANGE and dtype not in _FP8_MAX:
+        raise OpError(f"cannot quantize to {dtype}; use one of i8 u8 i4 f8e4m3 f8e5m2")
+    if x.rank != 2 or not x.dtype.is_float:
+        raise OpError(f"x must be a 2-D float tensor (rows are tokens), got {x}")
+    if not (eps > 0 and bound > 0):
+        raise OpError(f"eps and bound must be positive, got eps={eps}, bound={bound}")
+    return x.with_dtype(dtype), x.with_shape([x.shape[0]])
+
+
+@op("quant.quantize_rows", infer=_quantize_rows, num_results=2)
+def quantize_rows(x, *, dtype: DType, eps: float, bound: float):
+    """Dynamic per-token quantization: scale = max(amax(|row|), eps) / bound in x's dtype, then
+    quantize(x, scale){axis=0}. The quantize pass's abs/amax/clamp/div/quantize chain as one op, which
+    a backend runs as one kernel (`fuse-quantized-linear` folds the chain into it)."""
+    scale = x.abs().amax(dim=1).clamp(min=eps) / torch.tensor(bound, dtype=x.dtype)
+    return quantize(x, scale, dtype=dtype, axis=0), scale
+
+
 def _dequantize(q: TensorType, scale: TensorType, zero_point: TensorType | None = None, *,
                 axis: int | None, group_size: int | None) -> TensorType:
     if q.dtype not in _INT_RANGE and q.dtype not in _FP8_MAX:

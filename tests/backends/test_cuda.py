@@ -65,6 +65,41 @@ def test_kernels_give_the_reference_tokens(dtype):
     assert exe.stats["eager_steps"] == engine.steps
 
 
+def step_logits(graph, exe, prompt, device):
+    """The logits of a prompt's last token from one prefill step on a fresh pool."""
+    block = graph.inputs[7].type.shape[1]
+    blocks = -(-len(prompt) // block)
+    caches = [torch.zeros(blocks, block, *v.type.shape[2:], dtype=v.type.dtype.torch, device=device)
+              for v in graph.inputs[7:]]
+    i32, n = {"dtype": torch.int32, "device": device}, len(prompt)
+    meta = [torch.tensor(prompt, **i32), torch.arange(n, **i32), torch.arange(n, dtype=torch.int64, device=device),
+            torch.arange(blocks, **i32)[None], torch.tensor([n], **i32), torch.tensor([0, n], **i32),
+            torch.tensor([n - 1], dtype=torch.int64, device=device)]
+    with torch.no_grad():
+        return exe(*meta, *caches)[0][0].float()
+
+
+@pytest.mark.parametrize("quant,dtype,tol", [("fp8-per-channel", torch.float32, 1e-4),
+                                             ("fp8-per-channel", torch.bfloat16, 6e-2),
+                                             ("w8a16", torch.bfloat16, 2e-2), ("w4a16", torch.bfloat16, 2e-2)])
+def test_quantized_graphs_agree_with_the_reference(quant, dtype, tol):
+    """The quantized kernels (per-token fp8 rows, fp8/int8/int4 GEMMs) against the reference running the
+    same fused graph: last-token logits within `tol` of their norm. The kernels scale f32 sums where the
+    reference rounds dequantized bf16 weights, and a bf16 value that moves by its last bit can cross an
+    fp8 rounding boundary (more often under the interpreter, whose casts truncate), hence the bf16
+    tolerances; f32 activations agree to 1e-4."""
+    model = tiny(dtype=dtype).to(HERE)
+    ref = kiln.compile(model, target="reference", progress=False, device=HERE, pipeline=PIPELINES["cuda"],
+                       quant=quant if quant != "w4a16" else kiln.QuantConfig("w4a16", group_size=32))
+    exe = cuda.compile(ref.graph, device=HERE, progress=False)
+    assert ref.graph.op_counts().get("quant.quantize_rows", 0) == (8 if quant == "fp8-per-channel" else 0)
+    for prompt in prompts(3, longest=20, seed=2):
+        want = step_logits(ref.graph, ref.executable(), prompt, HERE)
+        got = step_logits(ref.graph, exe, prompt, HERE)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err <= tol, f"{quant} {dtype}: relative logit error {err:.2e} > {tol:g}"
+
+
 def test_forms_the_kernels_do_not_take_fall_back_to_the_reference():
     # a sliding window shorter than the prompts: the attention lowering declines, the reference runs
     ref, exe, graph = both(tiny("mistral", sliding_window=8).to(HERE), HERE, cuda_graphs=False)

@@ -18,13 +18,9 @@ func @main(%x: f32[1,T,64]) -> (f32[1,T,16]) {
 """
 
 PER_TOKEN = """  %1 = core.reshape(%x) {{shape=[T,64]}} : f32[T,64]
-  %2 = core.abs(%1) : f32[T,64]
-  %3 = core.amax(%2) {{dims=[1]}} : f32[T]
-  %4 = core.clamp(%3) {{min=1e-06}} : f32[T]
-  %5 = core.constant() {{value={qmax}, dtype=f32}} : f32[]
-  %6 = core.div(%4, %5) : f32[T]
-  %7 = quant.quantize(%1, %6) {{dtype={dtype}, axis=0}} : {dtype}[T,64]
+  %14, %15 = quant.quantize_rows(%1) {{dtype={dtype}, eps=1e-06, bound={qmax}}} : ({dtype}[T,64], f32[T])
 """
+"""The quantize pass's run-time scale (abs, amax, clamp, divide) and its quantize, folded into one op."""
 
 EXPECTED = {
     "w8a16": """param @fc.bias : f32[16]
@@ -51,7 +47,7 @@ func @main(%x: f32[1,T,64]) -> (f32[1,T,16]) {
 param @fc.weight.fp8 : f8e4m3[16,64]
 param @fc.weight.scale : f32[16]
 func @main(%x: f32[1,T,64]) -> (f32[1,T,16]) {
-""" + PER_TOKEN.format(qmax=448.0, dtype="f8e4m3") + """  %11 = quant.linear_fp8(%7, @fc.weight.fp8, %6, @fc.weight.scale) {out_dtype=f32} : f32[T,16]
+""" + PER_TOKEN.format(qmax=448.0, dtype="f8e4m3") + """  %11 = quant.linear_fp8(%14, @fc.weight.fp8, %15, @fc.weight.scale) {out_dtype=f32} : f32[T,16]
   %12 = core.reshape(%11) {shape=[1,T,16]} : f32[1,T,16]
   %13 = core.add(%12, @fc.bias) : f32[1,T,16]
   return %13
@@ -61,7 +57,7 @@ func @main(%x: f32[1,T,64]) -> (f32[1,T,16]) {
 param @fc.weight.int8 : i8[16,64]
 param @fc.weight.scale : f32[16]
 func @main(%x: f32[1,T,64]) -> (f32[1,T,16]) {
-""" + PER_TOKEN.format(qmax=127.0, dtype="i8") + """  %11 = quant.linear_int8(%7, @fc.weight.int8, %6, @fc.weight.scale) {out_dtype=f32} : f32[T,16]
+""" + PER_TOKEN.format(qmax=127.0, dtype="i8") + """  %11 = quant.linear_int8(%14, @fc.weight.int8, %15, @fc.weight.scale) {out_dtype=f32} : f32[T,16]
   %12 = core.reshape(%11) {shape=[1,T,16]} : f32[1,T,16]
   %13 = core.add(%12, @fc.bias) : f32[1,T,16]
   return %13
@@ -96,7 +92,7 @@ def test_fused_form_before_expected_and_numerics(algo):
     fused = qdq.clone()
     pm = PassManager("fuse-quantized-linear")
     pm.run(fused)
-    assert pm.records[0].changes == 1
+    assert pm.records[0].changes == (2 if "quantize_rows" in EXPECTED[algo] else 1)  # the linear, the scale
     assert print_graph(fused) == EXPECTED[algo]
     x = 2 * torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(3))
     want, got = interpreter.run(qdq, x)[0], interpreter.run(fused, x)[0]
@@ -140,3 +136,30 @@ def test_every_linear_of_a_decoder_layer_fuses(decoder_layer, pipeline, fused):
     for w in decoder_layer.windows(2, seed=9):
         want, got = interpreter.run(qdq, w.int())[0], interpreter.run(g, w.int())[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+CHAIN = """func @main(%x: {dt}[T,64]) -> ({q}[T,64], {dt}[T]) {{
+  %1 = core.abs(%x) : {dt}[T,64]
+  %2 = core.amax(%1) {{dims=[1]}} : {dt}[T]
+  %3 = core.clamp(%2) {{min=1e-06}} : {dt}[T]
+  %4 = core.constant() {{value={qmax}, dtype={dt}}} : {dt}[]
+  %5 = core.div(%3, %4) : {dt}[T]
+  %6 = quant.quantize(%x, %5) {{dtype={q}, axis=0}} : {q}[T,64]
+  return %6, %5
+}}
+"""
+
+
+@pytest.mark.parametrize("dt", ["bf16", "f32"])
+@pytest.mark.parametrize("q,qmax", [("f8e4m3", 448.0), ("i8", 127.0)])
+def test_a_run_time_row_scale_and_its_quantize_become_quantize_rows_bit_for_bit(dt, q, qmax):
+    chain = parse(CHAIN.format(dt=dt, q=q, qmax=qmax))
+    fused = chain.clone()
+    run_pipeline(fused, "fuse-quantized-linear")
+    assert fused.op_counts() == {"quant.quantize_rows": 1}
+    x = 3 * torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    x[1] = 0.0                      # the floor (eps) sets this row's scale
+    x[2, 5] = 900.0                 # an outlier sets this one's
+    x = x.to(torch.bfloat16 if dt == "bf16" else torch.float32)
+    for want, got in zip(interpreter.run(chain, x), interpreter.run(fused, x)):
+        assert want.dtype == got.dtype and torch.equal(want.float(), got.float())

@@ -300,6 +300,10 @@ class _Sharder:
                 continue
             if u.name in REDUCTIONS:
                 continue
+            if u.name == "quant.quantize_rows":  # its values go on to the linear; its scale is whole on every rank
+                if not self._feeds_linears(u.results[0]):
+                    return False
+                continue
             if len(u.results) != 1 or (u.name != "core.reshape" and _rows_of(u, 0) is None):
                 return False
             if not self._feeds_linears(u.results[0]):
@@ -346,6 +350,8 @@ class _Sharder:
                 self._head(op)
             elif op in self.columns:
                 self._column(op)
+            elif op.name == "quant.quantize_rows" and op.operands[0] in self.splits:
+                self._quantize_rows(op)
             elif any(v in self.splits for v in op.operands):
                 self._forward(op)
         self._finish()
@@ -482,6 +488,22 @@ class _Sharder:
                 operands[3] = self._localize(mask, Split(axis, q.segments, q.size), op)
         self.graph.set_operands(op, operands)
         return [Split(1, q.segments, q.size)]
+
+    def _quantize_rows(self, op: Op) -> None:
+        """A row's scale spans every rank's columns: each rank's amax, their max across ranks, then the
+        quantize (the unfused form), so that every rank divides by the scale of the whole row."""
+        x, s, a = op.operands[0], self.splits[op.operands[0]], op.attrs
+        if s.axis != 1:
+            raise ShardError(f"{self._where(op)} reads {x.ref} split along its rows (tokens); only columns split")
+        b = Builder(self.graph, before=op, loc=op.loc)
+        amax = b.dist.all_reduce(b.core.amax(b.core.abs(x), dims=[1], keepdim=False), reduce="max")
+        scale = b.core.div(b.core.clamp(amax, min=a["eps"]), b.constant(a["bound"], x.type.dtype))
+        q = b.quant.quantize(x, scale, dtype=a["dtype"], axis=0)
+        for old, new in zip(op.results, (q, scale)):
+            self.graph.replace_all_uses(old, new)
+        self.graph.erase_op(op)
+        self.splits[q] = Split(1, s.segments, s.size)
+        self.changes += 1
 
     def _reduction(self, op: Op, splits: list[Split | None]) -> list[Split | None]:
         s, x = splits[0], op.operands[0]
@@ -658,6 +680,8 @@ class _Sharder:
 
 def _back(op: Op, split: Split) -> list[Split | None] | None:
     """The rows of each operand that rows `split` of op's result need, or None if unknown."""
+    if op.name == "quant.quantize_rows":  # columns of the quantized values come from the same columns
+        return [split] if split.axis == 1 else None
     if len(op.results) != 1:
         return None
     if op.name == "core.reshape":

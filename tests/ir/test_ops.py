@@ -61,6 +61,7 @@ CASES = {
     "quant.linear_int8": ([i8["T", 16], i8[8, 16], f32[()], f32[8]], {"out_dtype": DType.f32}),
     "quant.linear_w8a16": ([bf16["T", 16], i8[8, 16], bf16[8]], {}),
     "quant.linear_awq": ([f32["T", 64], i32[64, 2], i32[2, 2], f32[2, 16]], {}),
+    "quant.quantize_rows": ([bf16["T", 16]], {"dtype": DType.f8e4m3, "eps": 1e-6, "bound": 448.0}),
     # ops first needed by the ONNX frontend
     "core.dims": ([], {"dims": (3, 4, 9), "dtype": DType.i32}),
     "core.isnan": ([f32["T", 4]], {}),

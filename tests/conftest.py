@@ -49,3 +49,27 @@ def pydoc_llama(tmp_path_factory):
     tf.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                unk_token="<unk>").save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_prompts():
+    """32 varied prompts on which kiln's bf16 SmolLM2 is compared with transformers' (CPU and GPU tests)."""
+    return [
+        # the GPU test's first eight
+        "What is the capital of France?", "Write a haiku about compilers.", "def fibonacci(n):",
+        "The three laws of thermodynamics are", "Translate to French: good morning", "List five prime numbers:",
+        "Once upon a time", "Why is the sky blue?",
+        # more, varied in kind and length
+        "Explain how a hash map works.", "import numpy as np\n\ndef softmax(x):", "The best way to learn a language is",
+        "Q: What is 17 times 23?\nA:", "Give me three tips for sleeping better.", "SELECT name, age FROM users WHERE",
+        "In 1969, the first humans", "Write a short poem about the sea.", "How do vaccines work?",
+        "class Stack:\n    def __init__(self):", "The difference between a virus and a bacterium is",
+        "Summarize the plot of Romeo and Juliet.", "What are the benefits of exercise?",
+        "My favourite recipe for pancakes:",
+        "Photosynthesis is the process by which", "Write a function in JavaScript that reverses a string.",
+        "Dear hiring manager,", "The French Revolution began in", "What is machine learning?",
+        "Describe a sunset in three sentences.", "To make a cup of tea, first",
+        "The largest planet in the solar system",
+        "Why do cats purr?", "Here is a list of fruits: apple, banana,",
+    ]
+

@@ -172,7 +172,9 @@ def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None =
     Causal masking is aligned to the bottom right: query i of S sees keys up to i + Skv - S,
     which is what decoding after a prefix needs; with a sliding `window`, only the last `window`
     of those. A bool mask keeps True positions; a float mask is added to the scores. Scores and
-    softmax are computed in f32."""
+    softmax are computed in f32; for 16-bit q, as torch's SDPA kernels (flash, CPU) round: the
+    unnormalised exp(score - row max) is rounded to q's dtype for the product with V, then divided
+    by its f32 row sum."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
@@ -185,8 +187,12 @@ def attention(q, k, v, mask=None, *, causal: bool = False, scale: float | None =
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
+        return torch.matmul(probs, v.float()).to(q.dtype)
+    p = torch.exp(scores - scores.amax(-1, keepdim=True)).nan_to_num(0.0)
+    out = torch.matmul(p.to(q.dtype).float(), v.float()) / p.sum(-1, keepdim=True)
+    return out.nan_to_num(0.0).to(q.dtype)
 
 
 def _silu_mul(gate: TensorType, up: TensorType) -> TensorType:

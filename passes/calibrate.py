@@ -5,9 +5,9 @@ on the values quantization needs to know, and keep what they saw:
   activation scales, SmoothQuant's migration, LLM.int8()'s outlier features), mean |x| per channel
   (AWQ's activation statistic), and optionally a sample of whole rows (AWQ's search evaluates the
   quantized linear's output error on them);
-- the k and v operands of every `llm.attention`, |x| max per (kv head, head_dim) channel: the
-  scales of an FP8 KV cache. They are keyed `k_cache.<i>` / `v_cache.<i>` after the i-th attention,
-  the names the kv-cache pass gives the layer's caches.
+- the k and v operands of every `llm.attention`, |x| max per (kv head, head_dim) channel (and the
+  sampled rows when asked for): the scales of an FP8 KV cache. They are keyed `k_cache.<i>` /
+  `v_cache.<i>` after the i-th attention, the names the kv-cache pass gives the layer's caches.
 
 The default text is Python's own `pydoc_data.topics`, tokenized once; calibration windows are
 taken from its start and evaluation windows (`eval_windows`) from its end, so the two never
@@ -198,7 +198,8 @@ def calibrate(graph: Graph, samples: Iterable[torch.Tensor], *, device: str = "c
         picks = torch.randperm(len(window), generator=gen)[:per_window].sort().values if per_window else None
         for name, x in zip(names, outputs):
             if name in kv:
-                observers[name].update(kv_channels(x), None)
+                channels = kv_channels(x)
+                observers[name].update(channels, picks if len(channels) == len(window) else None)
             else:
                 observers[name].update(x.reshape(-1, x.shape[-1]), picks)
     return {n: o.stats() for n, o in observers.items()}

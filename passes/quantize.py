@@ -37,6 +37,7 @@ import torch
 
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Op, Value
+from ..ir.ops import quant as quant_ops
 from ..ir.ops.quant import _FP8_MAX, per_token_qdq, qmax, static_qdq
 from ..ir.storage import DerivedStorage, Storage, TensorStorage
 from ..ir.types import DType, TensorType
@@ -125,7 +126,8 @@ class QuantConfig:
     int8_threshold: float = 6.0         # LLM.int8(): input features whose calibrated |x| max exceeds this stay float
     calib_size: int = 128               # calibration windows
     calib_seq_len: int = 256            # tokens per calibration window
-    calib_rows: int = 512               # AWQ: input rows per linear kept to measure the quantized output error
+    calib_rows: int = 512               # AWQ (and fp8 with amax_method="mse"): input rows kept per linear
+    amax_method: str = "max"            # calibrated e4m3 scales (fp8 activations, fp8 KV): "max" or "mse" (activation_amax)
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +151,8 @@ class QuantConfig:
             raise ValueError(f"smoothquant_val (alpha) must be in [0, 1], got {self.smoothquant_val}")
         if self.int8_threshold <= 0:
             raise ValueError(f"int8_threshold must be positive, got {self.int8_threshold}")
+        if self.amax_method not in AMAX_METHODS:
+            raise ValueError(f"amax_method must be one of {', '.join(AMAX_METHODS)}, got {self.amax_method!r}")
         if self.calib_size < 1 or self.calib_seq_len < 2 or self.calib_rows < 0:
             raise ValueError(f"calibration needs calib_size >= 1 windows of calib_seq_len >= 2 tokens, got "
                              f"{self.calib_size} x {self.calib_seq_len} (calib_rows {self.calib_rows})")
@@ -205,6 +209,17 @@ class QuantConfig:
                 or self.kv_cache_quant_algo is QuantAlgo.FP8_KV)
 
     @property
+    def calibration_rows(self) -> int:
+        """Input rows per linear that calibration must keep: AWQ's search and the "mse" amax search read them."""
+        return self.calib_rows if self.quant_algo is QuantAlgo.W4A16_AWQ or self.searches_amax else 0
+
+    @property
+    def searches_amax(self) -> bool:
+        """Whether a calibrated e4m3 scale (fp8 activations, the fp8 KV cache) is searched on rows."""
+        calibrated_fp8 = self.quant_algo is QuantAlgo.FP8 or self.kv_cache_quant_algo is QuantAlgo.FP8_KV
+        return calibrated_fp8 and self.amax_method != "max"
+
+    @property
     def uses_fp8(self) -> bool:
         return (self.quant_algo in (QuantAlgo.FP8, QuantAlgo.FP8_PER_CHANNEL)
                 or self.kv_cache_quant_algo is QuantAlgo.FP8_KV)
@@ -221,6 +236,8 @@ class QuantConfig:
             opts += [f"group_size={self.group_size}", f"zero_point={str(self.zero_point).lower()}"]
         if self.quant_algo is QuantAlgo.LLM_INT8:
             opts.append(f"threshold={self.int8_threshold}")
+        if self.searches_amax:
+            opts.append(f"amax={self.amax_method}")
         if self.kv_cache_quant_algo is QuantAlgo.FP8_KV:
             opts.append("kv=fp8")
         steps.append("quantize{" + ",".join(opts) + "}")
@@ -389,6 +406,31 @@ def quantize_weight(graph: Graph, name: str, storage: Storage, type: TensorType,
 
 # -- activations -----------------------------------------------------------------------------------
 
+AMAX_METHODS = ("max", "mse")
+_AMAX_FRACTIONS = 1.0 - torch.arange(31) / 100   # "mse": candidate bounds 1.0, 0.99, ... 0.70 x the observed max
+
+
+def activation_amax(stats: InputStats, method: str, dtype: DType) -> float:
+    """The |x| bound of a calibrated per-tensor activation scale (bound / qmax): the observed max, or
+    for "mse" the fraction of it whose rounding of the calibration rows has the least squared error
+    (e4m3's grid moves with the scale, so a bound a little under the max can fit the rows better)."""
+    if method == "max":
+        return stats.amax
+    if stats.rows is None:
+        raise ValueError("amax_method='mse' searches the scale on calibration rows, and the calibration kept none: "
+                         "calibrate with rows > 0 (calibrate{rows=512}, QuantConfig.calib_rows)")
+    x = stats.rows.float()
+    errors = [(static_qdq_values(x, stats.amax * float(f) / qmax(dtype), dtype) - x).pow(2).mean()
+              for f in _AMAX_FRACTIONS]
+    return stats.amax * float(_AMAX_FRACTIONS[int(torch.stack(errors).argmin())])
+
+
+def static_qdq_values(x: torch.Tensor, scale: float, dtype: DType) -> torch.Tensor:
+    """x through quant.quantize / quant.dequantize with one scale, in f32 (what static_qdq computes)."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    return quant_ops.dequantize(quant_ops.quantize(x, s, dtype=dtype), s).float()
+
+
 def calibrated_qdq(graph: Graph, b: Builder, x: Value, amax: float, dtype: DType, name: str) -> Value:
     """Quantize-dequantize x with one calibrated scale (amax / qmax) held in a parameter."""
     s = weight_scale(torch.tensor(amax), qmax(dtype), None).to(x.type.dtype.torch)
@@ -435,16 +477,18 @@ def _rewrite(graph: Graph, op: Op, config: QuantConfig, calibration: Calibration
     if scheme.activation is not None and scheme.per_token:
         x = per_token_qdq(b, x, scheme.activation)
     elif scheme.activation is not None:
-        x = calibrated_qdq(graph, b, x, calibration[w.name].amax, scheme.activation, w.name + ".input_scale")
+        amax = activation_amax(calibration[w.name], config.amax_method, scheme.activation)
+        x = calibrated_qdq(graph, b, x, amax, scheme.activation, w.name + ".input_scale")
     graph.set_operands(op, (x, done[w.name].dequantize(b), *op.operands[2:]))
     if graph.num_uses(w) == 0 and w not in graph.outputs:
         graph.remove_param(w.name)
     return True
 
 
-def quantize_kv_cache(graph: Graph, calibration: Calibration) -> int:
+def quantize_kv_cache(graph: Graph, calibration: Calibration, amax_method: str = "max") -> int:
     """Put the k and v of every llm.attention through e4m3 with a calibrated scale per tensor
-    (amax / 448): what an FP8 cache stores and reads back. Returns how many attentions."""
+    (amax / 448, amax as activation_amax bounds it): what an FP8 cache stores and reads back.
+    Returns how many attentions."""
     count = 0
     for i, op in enumerate([o for o in graph.ops if o.name == "llm.attention"]):
         names = (f"k_cache.{i}", f"v_cache.{i}")
@@ -454,7 +498,8 @@ def quantize_kv_cache(graph: Graph, calibration: Calibration) -> int:
             continue
         b = Builder(graph, before=op, loc=op.loc)
         base = op.loc or f"kv.{i}"
-        k, v = (calibrated_qdq(graph, b, x, calibration[n].amax, DType.f8e4m3, f"{base}.{kv}_scale")
+        k, v = (calibrated_qdq(graph, b, x, activation_amax(calibration[n], amax_method, DType.f8e4m3), DType.f8e4m3,
+                               f"{base}.{kv}_scale")
                 for x, n, kv in zip(op.operands[1:3], names, "kv"))
         graph.set_operands(op, (op.operands[0], k, v, *op.operands[3:]))
         count += 1
@@ -482,15 +527,17 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
                 continue
             count += _rewrite(graph, op, config, calibration, quantized)
     if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
-        count += quantize_kv_cache(graph, calibration)
+        count += quantize_kv_cache(graph, calibration, config.amax_method)
     return count
 
 
 @register_pass("quantize")
 def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_head", calib: str = "",
-             group_size: int = 128, zero_point: bool = True, threshold: float = 6.0, kv: str = "") -> int:
+             group_size: int = 128, zero_point: bool = True, threshold: float = 6.0, kv: str = "",
+             amax: str = "max") -> int:
     """Quantize linears (algo=fp8|fp8-per-channel|w8a8-sq|w4a16|w4a16-awq|w8a16|llm.int8|none) and the
-    KV cache (kv=fp8); exclude: '|'-separated fnmatch patterns.
+    KV cache (kv=fp8); exclude: '|'-separated fnmatch patterns; amax=max|mse: the calibrated e4m3 scales
+    (fp8 activations, kv=fp8) from the observed max or searched on the calibration rows.
 
     Calibrated statistics (fp8, llm.int8, kv=fp8) come from the calibrate pass earlier in the
     pipeline, or from calib=FILE (kiln.passes.calibrate.save_calibration)."""
@@ -498,7 +545,7 @@ def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_
         raise ValueError(f"kv={kv!r}: the KV cache quantizes to fp8 (kv=fp8) or not at all")
     config = QuantConfig(algo, QuantAlgo.FP8_KV if kv not in ("", "none") else None, group_size=group_size,
                          exclude_modules=tuple(p for p in exclude.split("|") if p), zero_point=zero_point,
-                         int8_threshold=threshold)
+                         int8_threshold=threshold, amax_method=amax)
     return quantize_graph(graph, config, load_calibration(calib) if calib else None)
 
 

@@ -53,13 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model folder, .gguf, Meta folder, or a short name such as smollm2")
     p.add_argument("--quant", "-q", action="append", default=[], metavar="Q",
                    help="a quantization to evaluate (repeatable): fp8, fp8-per-channel, w8a8-sq (int8_sq), "
-                        "w4a16-awq (int4_awq), w4a16 (plain int4), w8a16 (int8_wo), llm.int8")
+                        "w4a16-awq (int4_awq), w4a16 (plain int4), w8a16 (int8_wo), llm.int8, fp8_kv (the KV "
+                        "cache alone), or a linear algorithm + fp8_kv")
     p.add_argument("--kv-cache", choices=("fp8",), default=None, help="also put the KV cache in fp8")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8() outlier threshold (default 6.0)")
     p.add_argument("--exclude", default="lm_head|*.lm_head", help="'|'-separated fnmatch patterns kept float")
     p.add_argument("--symmetric", action="store_true", help="int4 without zero points")
+    p.add_argument("--amax", choices=("max", "mse"), default="max",
+                   help="calibrated e4m3 scales (fp8 activations, fp8 KV cache): the |x| max, or the bound that rounds "
+                        "the calibration rows with least squared error (keeps --calib-rows rows per input)")
     p.add_argument("--samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--length", type=int, default=256, help="tokens per evaluation window (default 256)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
@@ -78,16 +82,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def configs(args: argparse.Namespace) -> list[QuantConfig]:
-    """The configurations the arguments ask for."""
+    """The configurations the arguments ask for; `-q fp8_kv` is the KV cache alone, `-q fp8+fp8_kv` both."""
     names = list(args.quant) or ([] if args.kv_cache is None else ["none"])
     out = []
     for name in names:
-        algo = None if name == "none" else QuantAlgo.parse(name)
-        out.append(QuantConfig(algo, QuantAlgo.FP8_KV if args.kv_cache == "fp8" else None, group_size=args.group_size,
+        algo, kv = None, None
+        for part in (p for p in name.split("+") if p.strip() and p.strip() != "none"):
+            a = QuantAlgo.parse(part)
+            if a is QuantAlgo.FP8_KV:
+                kv = a
+            elif algo is not None:
+                raise ValueError(f"-q {name} names two algorithms for the linears ({algo.value}, {a.value})")
+            else:
+                algo = a
+        if args.kv_cache == "fp8":
+            kv = QuantAlgo.FP8_KV
+        out.append(QuantConfig(algo, kv, group_size=args.group_size,
                                smoothquant_val=args.alpha, int8_threshold=args.threshold,
                                exclude_modules=tuple(p for p in args.exclude.split("|") if p),
                                zero_point=not args.symmetric, calib_size=args.calib_samples,
-                               calib_seq_len=args.calib_length, calib_rows=args.calib_rows))
+                               calib_seq_len=args.calib_length, calib_rows=args.calib_rows,
+                               amax_method=args.amax))
     return out
 
 
@@ -114,6 +129,8 @@ def evaluate(graph: Graph, tokenizer: Any, quant: list[QuantConfig], *, samples:
              out: TextIO | None = None) -> tuple[list[Row], Calibration | None]:
     """Perplexity of the float graph and of each configuration on held-out windows."""
     out = out or sys.stdout
+    for config in quant:   # a config that cannot fit the graph fails before calibration and the other rows
+        config.check_graph(graph)
     stream = token_stream(tokenizer, text=text)
     held_out = eval_windows(stream, samples, length)
     calibration = None
@@ -122,7 +139,7 @@ def evaluate(graph: Graph, tokenizer: Any, quant: list[QuantConfig], *, samples:
         first = needs[0]
         if any((c.calib_size, c.calib_seq_len) != (first.calib_size, first.calib_seq_len) for c in needs):
             raise ValueError("the configurations to compare must share one calibration (calib_size, calib_seq_len)")
-        rows = max(c.calib_rows if c.quant_algo is QuantAlgo.W4A16_AWQ else 0 for c in needs)
+        rows = max(c.calibration_rows for c in needs)
         windows = calib_windows(stream, first.calib_size, first.calib_seq_len)
         calibration = calibrate(graph, windows, device=device, progress=progress, rows=rows)
     rows_out: list[Row] = []

@@ -108,7 +108,9 @@ def test_clipping_only_helps_and_skips_rope_rows(salient_llama):
 
 
 def test_awq_int4_is_closer_to_float_than_round_to_nearest(salient_llama):
-    graph, calib, windows = salient_llama
+    graph, calib, _ = salient_llama
+    gen = torch.Generator().manual_seed(100)
+    held_out = [torch.randint(0, 96, (24,), generator=gen) for _ in range(8)]   # not seen by calibration
     errors = {}
     for name, pipeline in [("rtn", "quantize{algo=w4a16,group_size=32}"),
                            ("awq", "awq{group_size=32},quantize{algo=w4a16-awq,group_size=32}")]:
@@ -117,12 +119,13 @@ def test_awq_int4_is_closer_to_float_than_round_to_nearest(salient_llama):
         run_pipeline(g, pipeline + ",fuse-quantized-linear")
         assert g.op_counts()["quant.linear_awq"] == 8
         err = 0.0
-        for w in windows[4:]:
+        for w in held_out:
             args = w.int(), torch.arange(len(w), dtype=torch.int32)
             want = interpreter.run(graph, *args)[0]
             err += ((interpreter.run(g, *args)[0] - want).norm() / want.norm()).item()
         errors[name] = err
-    assert errors["awq"] < 0.8 * errors["rtn"], errors
+    # awq / rtn is 0.56 here and 0.56-0.79 over model seeds 0-5: the bound leaves room for numerics, not for a tie
+    assert errors["awq"] < 0.9 * errors["rtn"], errors
 
 
 def test_awq_needs_rows():

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kiln.ir import TensorStorage, interpreter, parse, print_graph
+from kiln.ir.types import DType
 from kiln.passes.calibrate import (
     InputStats,
     attach_calibration,
@@ -21,7 +22,13 @@ from kiln.passes.calibrate import (
     save_calibration,
 )
 from kiln.passes.manager import PassError, PassManager, run_pipeline
-from kiln.passes.quantize import QuantAlgo, QuantConfig, quantize_graph, quantize_with
+from kiln.passes.quantize import (
+    QuantAlgo,
+    QuantConfig,
+    activation_amax,
+    quantize_graph,
+    quantize_with,
+)
 
 
 def ir(text: str) -> str:
@@ -112,6 +119,37 @@ def test_fp8_per_tensor_before_expected_and_exact_numerics():
     assert torch.equal(_run(after, x), F.linear(F.linear(xq, wq, bias), head))
     inside = x.clamp(-3.5, 3.5)                                             # e4m3 keeps 3 mantissa bits
     torch.testing.assert_close(_run(after, inside), _run(before, inside), atol=0.3, rtol=0.13)
+
+
+def test_fp8_mse_amax_searches_the_activation_scale_on_calibration_rows():
+    gen = torch.Generator().manual_seed(4)
+    plain = torch.randn(256, 8, generator=gen)
+    outlier = plain.clone()
+    outlier[0, 0] = 60.0
+
+    def error(x, bound):   # e4m3 round trip with scale bound / 448, by hand
+        s = torch.tensor(bound) / 448
+        return ((x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s - x).pow(2).mean().item()
+
+    bounds = {}
+    for name, x in (("plain", plain), ("outlier", outlier)):
+        stats = InputStats(x.abs().amax(0), x.abs().mean(0), x)
+        bounds[name] = activation_amax(stats, "mse", DType.f8e4m3)
+        candidates = [stats.amax * (1 - i / 100) for i in range(31)]
+        assert error(x, bounds[name]) <= min(error(x, b) for b in candidates) * (1 + 1e-6)
+        assert activation_amax(stats, "max", DType.f8e4m3) == stats.amax
+    assert bounds["plain"] < plain.abs().max().item()     # here the grid fits the rows better a little lower
+    assert bounds["outlier"] == 60.0                      # clipping a lone outlier costs more than it saves
+    after = _graph()
+    stats = InputStats(plain.abs().amax(0), None, plain)
+    assert quantize_with(after, "fp8", {"fc.weight": stats}, amax_method="mse") == 1
+    assert after.params["fc.weight.input_scale"].storage.load() == torch.tensor(bounds["plain"]) / 448
+    assert QuantConfig("fp8", amax_method="mse").pipeline().endswith("amax=mse}")
+    assert (QuantConfig("fp8", amax_method="mse").calibration_rows, QuantConfig("fp8").calibration_rows) == (512, 0)
+    with pytest.raises(ValueError, match=r"kept none: calibrate with rows > 0 \(calibrate\{rows=512\}"):
+        quantize_with(_graph(), "fp8", {"fc.weight": InputStats(plain.abs().amax(0))}, amax_method="mse")
+    with pytest.raises(ValueError, match="amax_method must be one of max, mse"):
+        QuantConfig("fp8", amax_method="percentile")
 
 
 def test_fp8_per_channel_weights_and_per_token_activations():
@@ -370,6 +408,14 @@ def test_fp8_kv_cache_rounds_k_and_v_through_e4m3(decoder_layer):
     w = decoder_layer.windows(1, seed=4)[0].int()
     got, want = interpreter.run(q, w)[0], interpreter.run(g, w)[0]   # 3 mantissa bits in k and v, and a peaky
     assert 0 < (got - want).norm() < 0.15 * want.norm()              # softmax of random weights
+    rows = calibrate(g, decoder_layer.windows(), progress=False, rows=32)   # k/v rows kept: the mse search
+    searched = g.clone()
+    assert quantize_graph(searched, QuantConfig(None, "fp8-kv", amax_method="mse"), rows) == 1
+    for kv in ("k", "v"):
+        stats = rows[f"{kv}_cache.0"]
+        assert stats.rows.shape == (32, 4) and torch.equal(stats.channel_amax, calib[f"{kv}_cache.0"].channel_amax)
+        assert float(searched.params[f"kv.0.{kv}_scale"].storage.load()) == pytest.approx(
+            activation_amax(stats, "mse", DType.f8e4m3) / 448)
 
 
 CALIB = ir("""

@@ -57,6 +57,22 @@ def test_sensitivity_ranks_units_quantized_one_at_a_time(pydoc_llama, capsys):
     assert ppls == sorted(ppls, reverse=True)
 
 
+def test_eval_ppl_compares_the_kv_cache_alone_with_linears_and_kv(pydoc_llama, capsys):
+    assert cli.main(["eval-ppl", str(pydoc_llama), "-q", "fp8_kv", "-q", "w8a16+fp8_kv", "-q", "w8a16", *SMALL]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert list(rows) == ["f32", "fp8 kv", "w8a16 + fp8 kv", "w8a16"]
+    assert [cells[2] for cells in list(rows.values())[1:]] == ["2", "10", "8"]   # attentions, both, linears
+
+
+def test_eval_ppl_refuses_a_group_size_that_does_not_fit_before_calibrating(pydoc_llama, capsys):
+    with pytest.raises(SystemExit) as e:   # hidden 64: groups of 128 cannot tile a row
+        cli.main(["eval-ppl", str(pydoc_llama), "-q", "fp8", "-q", "w4a16-awq", "--group-size", "128", *SMALL])
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    assert "group_size=128 does not fit" in captured.err and "group_size=64 divides every in_features" in captured.err
+    assert "| f32 |" not in captured.out and "calibrating" not in captured.err
+
+
 def test_eval_ppl_needs_a_quant_for_sensitivity(pydoc_llama):
     with pytest.raises(SystemExit):
         cli.main(["eval-ppl", str(pydoc_llama), "--sensitivity", *SMALL])

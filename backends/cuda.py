@@ -249,10 +249,10 @@ def _reference(opdef) -> Callable[..., Any]:
     return lambda ctx, *args, **attrs: opdef.run_reference(*args, **attrs)
 
 
-def _symbolic(attrs: dict[str, Any]) -> bool:
-    """Whether an attribute names a symbolic dim (known only per step)."""
+def _symbolic(opdef: Any, attrs: dict[str, Any]) -> bool:
+    """Whether a shape or dim attribute names a symbolic dim (known only per step)."""
     return any(isinstance(a, str) or isinstance(a, (tuple, list)) and any(isinstance(d, str) for d in a)
-               for a in attrs.values())
+               for k, a in attrs.items() if opdef.attrs[k].kind.name.split(" ")[0] in ("Shape", "Dim"))
 
 
 def _symbolic_reshape(attrs: dict[str, Any]) -> dict[str, Any] | None:
@@ -312,7 +312,7 @@ class CudaExecutable:
         constant = {id(v) for v in graph.params.values()}
         for op, free in zip(graph.ops, frees):
             if (op.opdef.is_pure and all(id(v) in constant for v in op.operands)
-                    and (op.operands or not _symbolic(op.attrs))):
+                    and (op.operands or not _symbolic(op.opdef, op.attrs))):
                 # weights-only arithmetic (a cast of rope frequencies, a reshape) and splat constants: computed
                 # once, here, on the device (a host scalar read in a step would be a copy CUDA graphs refuse)
                 outs = op.opdef.run_reference(*(self.template[slots[id(v)]] for v in op.operands), **op.attrs)
@@ -323,8 +323,7 @@ class CudaExecutable:
             attrs = dict(op.attrs)
             if op.name == "core.reshape" and any(isinstance(d, str) for d in attrs["shape"]):
                 attrs = _symbolic_reshape(attrs) or attrs
-            if any(isinstance(a, str) or isinstance(a, tuple) and any(isinstance(d, str) for d in a)
-                   for k, a in attrs.items() if op.opdef.attrs[k].kind.name.split(" ")[0] in ("Shape", "Dim")):
+            if _symbolic(op.opdef, attrs):
                 raise ValueError(f"the cuda backend cannot bind the symbolic attributes of {op.name} ({attrs})")
             ref = _reference(op.opdef)
             self.program.append(_Instr(LOWERINGS.get(op.name, ref), ref, tuple(slots[id(v)] for v in op.operands),

@@ -86,15 +86,8 @@ def configs(args: argparse.Namespace) -> list[QuantConfig]:
     names = list(args.quant) or ([] if args.kv_cache is None else ["none"])
     out = []
     for name in names:
-        algo, kv = None, None
-        for part in (p for p in name.split("+") if p.strip() and p.strip() != "none"):
-            a = QuantAlgo.parse(part)
-            if a is QuantAlgo.FP8_KV:
-                kv = a
-            elif algo is not None:
-                raise ValueError(f"-q {name} names two algorithms for the linears ({algo.value}, {a.value})")
-            else:
-                algo = a
+        short = None if name.strip() == "none" else QuantConfig.of(name)   # kiln.compile's own short forms
+        algo, kv = (None, None) if short is None else (short.quant_algo, short.kv_cache_quant_algo)
         if args.kv_cache == "fp8":
             kv = QuantAlgo.FP8_KV
         out.append(QuantConfig(algo, kv, group_size=args.group_size,

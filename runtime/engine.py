@@ -7,9 +7,12 @@ made: metadata, one K and one V cache per layer), so any backend's executable pl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable
+from typing import Sequence as Seq
 
+import numpy as np
 import torch
 
 from ..backends import StepInfo
@@ -18,7 +21,7 @@ from ..passes.kv_cache import SERVING_INPUTS
 from .blocks import BlockPool
 from .config import BuildConfig, KvCacheConfig, available_host_memory
 from .detokenizer import IncrementalDetokenizer, StopChecker
-from .sampling import SamplingParams, request_generator, sample
+from .sampling import SamplingParams, plain_greedy, request_generator, sample
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 
 CPU_POOL_TOKENS = 65536
@@ -65,6 +68,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     outputs: list[CompletionOutput] = field(default_factory=list)
     on_update: Callable[["RequestOutput"], None] | None = None
+    stream: bool = True                  # an output every step it changes; False: only once finished
     prompt_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # by position
 
     @property
@@ -79,6 +83,29 @@ class Request:
         if self.params.prompt_logprobs is not None:
             prompt_logprobs = [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_ids))]
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, prompt_logprobs)
+
+
+@dataclass
+class _Pending:
+    """A launched step whose greedy tokens are still on the device; the engine resolves them one
+    step later, after launching the next step, so host work runs while the GPU computes."""
+
+    seqs: list[Sequence]             # in the order of `tokens`
+    tokens: torch.Tensor             # [len(seqs)] on the device
+    host: torch.Tensor               # where they are being copied (pinned on a GPU)
+    ready: Any                       # a CUDA event recorded after the copy, or None on CPU
+
+    def row_of(self) -> dict[int, int]:
+        return {seq.seq_id: i for i, seq in enumerate(self.seqs)}
+
+    def resolve(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+PLACEHOLDER = -1
+"""Stands in a sequence's output_ids for a token still on the device (at most one, the last)."""
 
 
 @dataclass
@@ -98,7 +125,8 @@ class Engine:
 
     def __init__(self, graph: Graph, executable: Callable[..., list[torch.Tensor]], *, tokenizer: Any = None,
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
-                 max_positions: int | None = None, eos_token_ids: Seq[int] = (), device: str = "cpu"):
+                 max_positions: int | None = None, eos_token_ids: Seq[int] = (), device: str = "cpu",
+                 overlap: bool | None = None):
         names = [v.name for v in graph.inputs]
         if names[: len(METADATA)] != list(METADATA):
             raise ValueError(f"not a serving graph (inputs {', '.join(names[:8])}...): compile it with the "
@@ -126,6 +154,12 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._state: dict[int, _SeqState] = {}
         self.steps = 0
+        # Overlap: a step of plain greedy rows leaves its tokens on the device and the next step is
+        # scheduled and launched before they are read (a finished sequence may so compute one token
+        # that is dropped). Default: on for GPU executables that take host metadata (kiln's cuda backend).
+        self.overlap = (device.startswith("cuda") and getattr(executable, "host_inputs", False)) \
+            if overlap is None else overlap
+        self._pending: _Pending | None = None
 
     def _pool_blocks(self, num_caches: int, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         per_token = num_caches * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -148,7 +182,9 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams, prompt: str | None = None,
-                    on_update: Callable[[RequestOutput], None] | None = None) -> Request:
+                    on_update: Callable[[RequestOutput], None] | None = None, stream: bool = True) -> Request:
+        """Queue a request; with stream=False, step() reports it only when it finishes (vLLM's
+        FINAL_ONLY), which saves a snapshot per request per step."""
         prompt_ids = [int(t) for t in prompt_ids]
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running")
@@ -166,7 +202,7 @@ class Engine:
         if params.use_beam_search:
             raise RequestError("beam-search requests are run by LLM.generate / generate_async, not queued on the "
                                "engine's batch")
-        request = Request(request_id, prompt, prompt_ids, params, on_update=on_update)
+        request = Request(request_id, prompt, prompt_ids, params, on_update=on_update, stream=stream)
         for i in range(params.n):
             seq = Sequence(list(prompt_ids), request=request)
             out = CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
@@ -198,7 +234,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._pending is not None
 
     @property
     def capacity(self) -> int:
@@ -208,29 +244,29 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of requests that changed (with overlap, those of the step before)."""
         batch = self.scheduler.schedule()
-        if not batch:
+        pending, self._pending = self._pending, None
+        if not batch and pending is None:
             if self.scheduler.waiting:
                 raise RuntimeError("no sequence can be scheduled: the KV pool is too small for the waiting "
                                    "request")
             return []
-        logits, sample_rows, prompt_rows = self._run(batch)
-        self.scheduler.advance(batch)
-        self.steps += 1
-        ready = [s.seq for s in batch if s.produces_logits]
+        launched = self._run(batch, pending) if batch else None
         touched: dict[str, Request] = {}
-        if prompt_rows:
-            self._prompt_logprobs(logits, prompt_rows, touched)
-        if ready:
-            states = [self._state[seq.seq_id] for seq in ready]
-            sampled = sample(logits[sample_rows], [st.request.params for st in states], [seq.prompt_ids for seq in ready],
-                             [seq.output_ids for seq in ready], [st.generator for st in states],
-                             eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
-            for i, (seq, st) in enumerate(zip(ready, states)):
-                self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
-                touched[st.request.request_id] = st.request
+        if pending is not None:  # the GPU is busy with `batch` while the host takes these in
+            for seq, token in zip(pending.seqs, pending.resolve()):
+                st = self._state.get(seq.seq_id)
+                if st is not None and seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
+                    seq.output_ids.pop()
+                    self._append(seq, st, token, 0.0, None)
+                    touched[st.request.request_id] = st.request
+        if launched is not None:
+            self._take_step(batch, *launched, touched)
         outputs = []
         for request in touched.values():
+            if not request.stream and not request.finished:
+                continue
             snap = request.snapshot()
             outputs.append(snap)
             if request.on_update:
@@ -238,6 +274,49 @@ class Engine:
             if request.finished:
                 self.requests.pop(request.request_id, None)
         return outputs
+
+    def _take_step(self, batch: list[Scheduled], logits: torch.Tensor, sample_rows: list[tuple[int, Sequence]],
+                   prompt_rows: list[tuple[int, Sequence, int]], touched: dict[str, Request]) -> None:
+        """Advance the scheduler past a launched step and sample its rows (or leave them pending)."""
+        self.scheduler.advance(batch)
+        self.steps += 1
+        # a sequence that finished on the previous step's token computed one more: dropped here
+        live = [(row, seq) for row, seq in sample_rows if seq.seq_id in self._state and seq.status is not Status.FINISHED]
+        prompt_rows = [r for r in prompt_rows if r[1].seq_id in self._state]
+        if prompt_rows:
+            self._prompt_logprobs(logits, prompt_rows, touched)
+        if not live:
+            return
+        rows, ready = [r for r, _ in live], [seq for _, seq in live]
+        states = [self._state[seq.seq_id] for seq in ready]
+        params = [st.request.params for st in states]
+        if self.overlap and not prompt_rows and all(plain_greedy(p, seq.output_ids) for p, seq in zip(params, ready)):
+            self._pending = self._launch_greedy(logits, rows, ready)
+            return
+        sampled = sample(logits[rows], params, [seq.prompt_ids for seq in ready],
+                         [seq.output_ids for seq in ready], [st.generator for st in states],
+                         eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
+        for i, (seq, st) in enumerate(zip(ready, states)):
+            self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
+            touched[st.request.request_id] = st.request
+
+    def _launch_greedy(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence]) -> _Pending:
+        """Enqueue the argmax of `rows` and its copy to the host; the sequences hold a placeholder."""
+        index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        tokens = logits.index_select(0, index).argmax(dim=-1)
+        if logits.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = tokens, None
+        for seq in ready:
+            seq.output_ids.append(PLACEHOLDER)
+            st = self._state[seq.seq_id]
+            if len(seq.output_ids) >= st.request.params.max_tokens or len(seq) >= min(self.max_seq_len, self.capacity):
+                self.scheduler.finish(seq)  # this token is its last: schedule nothing more for it
+        return _Pending(ready, tokens, host, event)
 
     def _append(self, seq: Sequence, st: _SeqState, token: int, logprob: float, top: dict[int, float] | None) -> None:
         params, out = st.request.params, st.output
@@ -281,14 +360,19 @@ class Engine:
             request.prompt_logprobs[p + 1] = {**top, token: float(lp[token])}
             touched[request.request_id] = request
 
-    def _run(self, batch: list[Scheduled]) -> tuple[torch.Tensor, list[int], list[tuple[int, Sequence, int]]]:
-        """Run one step; the logits, the rows to sample from, and (row, sequence, position) of
-        prompt rows whose logprobs were asked for."""
+    def _run(self, batch: list[Scheduled], pending: _Pending | None = None
+             ) -> tuple[torch.Tensor, list[tuple[int, Sequence]], list[tuple[int, Sequence, int]]]:
+        """Launch one step; the logits, (row, sequence) to sample from, and (row, sequence, position) of
+        prompt rows whose logprobs were asked for. Tokens still pending on the device are gathered there."""
         bs = self.pool.block_size
         tokens, positions, slots, starts, lens, rows, tables = [], [], [], [0], [], [], []
         sample_rows, prompt_rows = [], []
+        pending_rows = pending.row_of() if pending is not None else {}
+        gather: list[tuple[int, int]] = []  # (position in this step's tokens, row of pending.tokens)
         for s in batch:
             ids = s.seq.token_ids[s.start: s.start + s.num_tokens]
+            if ids[-1] == PLACEHOLDER and s.seq.seq_id in pending_rows:
+                gather.append((len(tokens) + len(ids) - 1, pending_rows[s.seq.seq_id]))
             tokens += ids
             positions += range(s.start, s.start + s.num_tokens)
             slots += [s.seq.blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.num_tokens)]
@@ -301,20 +385,40 @@ class Engine:
                     prompt_rows.append((len(rows), s.seq, p))
                     rows.append(starts[-2] + p - s.start)
             if s.produces_logits:
-                sample_rows.append(len(rows))
+                sample_rows.append((len(rows), s.seq))
                 rows.append(starts[-1] - 1)
-        width = max(len(t) for t in tables)
         host = getattr(self.executable, "host_inputs", False)  # it moves them itself, knowing the step's shape
         device = "cpu" if host else self.device
         i32 = dict(dtype=torch.int32, device=device)
-        inputs = [torch.tensor(tokens, **i32), torch.tensor(positions, **i32),
+        token_input = torch.tensor(tokens, **i32)
+        if gather:
+            token_input = _gather_tokens(token_input, gather, pending.tokens)
+        inputs = [token_input, torch.tensor(positions, **i32),
                   torch.tensor(slots, dtype=torch.int64, device=device),
-                  torch.tensor([t + [0] * (width - len(t)) for t in tables], **i32), torch.tensor(lens, **i32),
+                  _block_table(tables).to(device), torch.tensor(lens, **i32),
                   torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=device)]
         if host:
             step = StepInfo(len(batch), len(tokens), max(s.num_tokens for s in batch), max(lens))
             return self.executable(*inputs, *self.caches, step=step)[0], sample_rows, prompt_rows
         return self.executable(*inputs, *self.caches)[0], sample_rows, prompt_rows
+
+
+def _block_table(tables: list[list[int]]) -> torch.Tensor:
+    """The sequences' block lists as one int32 table, zero-padded (built in numpy: a nested-list tensor
+    costs a few ms a step at 512 sequences)."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    table = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
+    table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
+    return torch.from_numpy(table)
+
+
+def _gather_tokens(tokens: torch.Tensor, gather: list[tuple[int, int]], pending: torch.Tensor) -> torch.Tensor:
+    """`tokens` with the listed positions taken from `pending` (where it lives: no wait on the device)."""
+    index = torch.tensor(gather, dtype=torch.int64).t().contiguous().to(pending.device, non_blocking=True)
+    tokens = tokens.to(pending.device, non_blocking=True)
+    tokens[index[0]] = pending.index_select(0, index[1]).to(tokens.dtype)
+    return tokens
 
 
 def _reseeded(params: SamplingParams, seed: int) -> SamplingParams:

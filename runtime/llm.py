@@ -288,7 +288,7 @@ class LLM:
         if command[0] == "add":
             _, request_id, ids, params, text, future, done, error = command
             try:
-                self.engine.add_request(request_id, ids, params, prompt=text,
+                self.engine.add_request(request_id, ids, params, prompt=text, stream=future.streaming,
                                         on_update=lambda out, f=future: self._deliver(f, out))
                 self._futures[request_id] = future
             except (RequestError, ValueError) as e:

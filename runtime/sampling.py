@@ -254,7 +254,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
            eos_ids: Sequence[int | Iterable[int] | None] | None = None) -> SampledTokens:
     """Pick one token per row; `eos_ids` (per row, the tokenizer's eos) feeds min_tokens suppression."""
     rows, vocab = logits.shape
-    if all(_plain_greedy(p, out) for p, out in zip(params, output_ids)):  # serving's common case: one argmax
+    if all(plain_greedy(p, out) for p, out in zip(params, output_ids)):  # serving's common case: one argmax
         return SampledTokens(logits.argmax(dim=-1).tolist(), [0.0] * rows, [None] * rows)
     raw = torch.log_softmax(logits.float(), dim=-1)
     processed = apply_penalties(logits, params, prompt_ids, output_ids)
@@ -282,7 +282,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
     return SampledTokens(token_ids, chosen, top_logprobs(raw, token_ids, [p.logprobs for p in params]))
 
 
-def _plain_greedy(p: SamplingParams, output_ids: Sequence[int]) -> bool:
+def plain_greedy(p: SamplingParams, output_ids: Sequence[int]) -> bool:
     """Greedy with nothing that changes or reports the distribution: the argmax is the whole answer
     (the chosen logprob is not reported, so it is left 0)."""
     return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty

@@ -155,6 +155,8 @@ class Scheduler:
         """After the step ran: the scheduled tokens are cached; name the blocks they filled."""
         for s in batch:
             seq = s.seq
+            if seq.status is not Status.RUNNING:  # finished (or preempted) after the step was launched
+                continue
             if s.start < len(seq.prompt_ids):
                 self.prefill_tokens += min(s.start + s.num_tokens, len(seq.prompt_ids)) - s.start
             seq.num_computed = s.start + s.num_tokens

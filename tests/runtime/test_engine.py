@@ -1,0 +1,119 @@
+"""The engine's overlapped steps (greedy tokens left on the device, read one step later) give exactly
+what synchronous steps give, on SmolLM2 with its tokenizer: EOS and stop strings that end a sequence
+while its next step is already launched, preemption, aborts, and sampled or logprob requests mixed in."""
+
+import pytest
+from kiln.api import compile as kiln_compile
+from kiln.runtime.config import BuildConfig, KvCacheConfig
+from kiln.runtime.engine import Engine
+from kiln.runtime.sampling import SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Water boils at a temperature of",
+           "Once upon a time, in a land far away, there lived a dragon who loved to read", "import numpy as np\n"]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    graph, _, tokenizer = smollm2
+    return kiln_compile(graph.clone()), tokenizer
+
+
+def serve(smol, overlap: bool, requests, abort_after: dict[str, int] | None = None, max_tokens: int = 32):
+    """Run `requests` (id, prompt, params) to the end; the final outputs by id, and the engine."""
+    compiled, tokenizer = smol
+    engine = Engine(compiled.graph, compiled.executable(), tokenizer=tokenizer, overlap=overlap,
+                    kv_cache_config=KvCacheConfig(max_tokens=max_tokens),  # small: sequences are preempted
+                    build_config=BuildConfig(max_batch_size=4, max_num_tokens=32), eos_token_ids=[0])
+    for rid, prompt, params in requests:
+        engine.add_request(rid, tokenizer(prompt)["input_ids"], params, prompt=prompt)
+    final, seen = {}, {}
+    while engine.has_work:
+        for out in engine.step():
+            seen[out.request_id] = seen.get(out.request_id, 0) + 1
+            if out.finished:
+                final[out.request_id] = out
+            if abort_after and seen[out.request_id] == abort_after.get(out.request_id):
+                engine.abort(out.request_id)
+    return final, engine
+
+
+def assert_same(got, want, rid):
+    """Same tokens, text and reasons; logprobs alike (batches that differ, by another preemption, round differently)."""
+    for g, w in zip(got.outputs, want.outputs, strict=True):
+        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (w.token_ids, w.text, w.finish_reason,
+                                                                          w.stop_reason), rid
+        assert (g.cumulative_logprob is None) == (w.cumulative_logprob is None), rid
+        assert g.cumulative_logprob is None or abs(g.cumulative_logprob - w.cumulative_logprob) < 1e-3, rid
+        assert_close_logprobs(g.logprobs, w.logprobs, rid)
+    assert_close_logprobs(got.prompt_logprobs, want.prompt_logprobs, rid)
+
+
+def assert_close_logprobs(got, want, rid):
+    assert (got is None) == (want is None), rid
+    for g, w in zip(got or [], want or [], strict=True):
+        assert (g is None) == (w is None) and (g is None or g.keys() == w.keys()), rid
+        assert g is None or all(abs(g[k] - w[k]) < 1e-3 for k in g), rid
+
+
+def test_overlapped_steps_equal_synchronous_steps(smol):
+    _, tokenizer = smol
+    plain, _ = serve(smol, False, [(str(i), p, SamplingParams(max_tokens=12, temperature=0.0))
+                                   for i, p in enumerate(PROMPTS)])
+    # end sequences early, mid-flight: by an end id that greedy decoding reaches, and by a stop string
+    end_id = plain["0"].outputs[0].token_ids[3]
+    stop = tokenizer.decode(plain["1"].outputs[0].token_ids[4:6])
+    requests = [("end", PROMPTS[0], SamplingParams(max_tokens=12, temperature=0.0, end_id=end_id)),
+                ("stop", PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0, stop=stop)),
+                ("long", PROMPTS[2], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)),
+                ("sampled", PROMPTS[3], SamplingParams(max_tokens=10, temperature=0.8, seed=3, n=2)),
+                ("logprobs", PROMPTS[4], SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, prompt_logprobs=1)),
+                ("aborted", PROMPTS[5], SamplingParams(max_tokens=12, temperature=0.0)),
+                ("min", PROMPTS[0], SamplingParams(max_tokens=8, temperature=0.0, min_tokens=6, end_id=end_id))]
+    sync, sync_engine = serve(smol, False, requests, {"aborted": 3})
+    overlapped, engine = serve(smol, True, requests, {"aborted": 3})
+    assert set(sync) == set(overlapped) == {r[0] for r in requests} - {"aborted"}
+    for rid in sync:
+        assert_same(overlapped[rid], sync[rid], rid)
+    ended = sync["end"].outputs[0]
+    assert ended.finish_reason == "stop" and ended.token_ids[-1] == end_id and len(ended.token_ids) <= 4
+    assert sync["stop"].outputs[0].stop_reason == stop
+    assert engine.scheduler.preemptions > 0, (engine.scheduler.preemptions, sync_engine.scheduler.preemptions)
+    engine.pool.check()
+    assert all(r == 0 for r in engine.pool.refs) and not engine.requests and engine._pending is None
+
+
+def test_overlap_leaves_greedy_tokens_pending(smol):
+    """The overlapped engine really defers: its greedy steps return the step before's tokens."""
+    requests = [(str(i), p, SamplingParams(max_tokens=5, temperature=0.0)) for i, p in enumerate(PROMPTS[:2])]
+    compiled, tokenizer = smol
+    engine = Engine(compiled.graph, compiled.executable(), tokenizer=tokenizer, overlap=True)
+    for rid, prompt, params in requests:
+        engine.add_request(rid, tokenizer(prompt)["input_ids"], params)
+    assert engine.step() == []         # the prefill step: its first tokens are still pending
+    assert engine._pending is not None
+    first = engine.step()              # launches the second token, reads the first
+    assert sorted(len(o.outputs[0].token_ids) for o in first) == [1, 1]
+    steps = 2
+    while engine.has_work:
+        engine.step()
+        steps += 1
+    assert steps == 6                  # 5 tokens, plus the step that reads the last
+
+
+def test_unstreamed_requests_are_reported_once_finished(smol):
+    """stream=False (vLLM's FINAL_ONLY): no output until the request ends, then the same one."""
+    compiled, tokenizer = smol
+    results = {}
+    for stream in (True, False):
+        engine = Engine(compiled.graph, compiled.executable(), tokenizer=tokenizer, overlap=True)
+        for i, prompt in enumerate(PROMPTS[:3]):
+            engine.add_request(str(i), tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=4 + i, temperature=0.0),
+                               stream=stream)
+        seen = []
+        while engine.has_work:
+            seen += engine.step()
+        results[stream] = seen
+    assert len(results[False]) == 3 and all(o.finished for o in results[False])
+    assert len(results[True]) > 3
+    final = {o.request_id: o.outputs[0].token_ids for o in results[True] if o.finished}
+    assert {o.request_id: o.outputs[0].token_ids for o in results[False]} == final

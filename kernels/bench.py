@@ -3,6 +3,7 @@
     python -m kiln.kernels.bench             # ceilings, then every kernel against torch/cuBLAS
     python -m kiln.kernels.bench --check     # correctness at real shapes, outputs poisoned with NaN
     python -m kiln.kernels.bench --only gemm,attn --sweep
+    python -m kiln.kernels.bench --only decode-sweep   # swap-AB decode GEMM configs against the defaults
 
 Times are medians of triton.testing.do_bench (which clears L2 before each run); weights also rotate
 over enough copies to exceed L2. Each row gives the time, the achieved rate, the fraction of the
@@ -14,12 +15,14 @@ import itertools
 import math
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 from . import activation, attention, gemm, gemm_fp8, gemm_woq, norm, rope, sampling
 
@@ -59,17 +62,22 @@ class Row:
 HEADER = (f"{'kernel':<22} {'shape':<28} {'us':>9} {'rate':>13} {'roof':>6} {'torch us':>9} {'speedup':>6}")
 
 
-def timed(fn: Callable[..., object], make: Callable[[], tuple], bytes_each: int = 0) -> float:
+def num_sets(bytes_each: int) -> int:
+    """Input sets that together overflow L2 three times, so each run reads its bytes from DRAM."""
+    return max(1, min(8, math.ceil(3 * L2_BYTES / max(bytes_each, 1))))
+
+
+def timed(fn: Callable[..., object], make: Callable[[], tuple], bytes_each: int = 0, rep: int = 100) -> float:
     """Median milliseconds of one fn(*inputs), replayed from a CUDA graph (as the decode runtime does),
     over several input sets used in turn so that together they overflow L2."""
-    sets = [make() for _ in range(max(1, min(8, math.ceil(3 * L2_BYTES / max(bytes_each, 1)))))]
+    sets = [make() for _ in range(num_sets(bytes_each))]
     fn(*sets[0])  # compile and autotune outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for s in sets:
             fn(*s)
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(sets)
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep, return_mode="median") / len(sets)
 
 
 def measure_ceilings() -> Ceilings:
@@ -180,6 +188,86 @@ def sweep(ceil: Ceilings, rows: list[Row]) -> None:
                         torch.full((B,), 0.05, device="cuda"))
         add("sweep sampling", f"B{B} {ways}/{bv}/{nw}", lambda *a: sampling.filter_logits(*a, ways=ways, block_v=bv,
             num_warps=nw), make, 2 * B * 128256 * 4, lambda t: "")
+
+
+@dataclass(frozen=True)
+class DecodeFormat:
+    """A weight format of the decode GEMM, as the sweep times it."""
+    make: Callable[[int, int, int], Callable[[], tuple]]  # (M, N, K) -> input-set factory
+    run: Callable[[gemm.DecodeConfig | None], Callable[..., object]]  # config (None: default) -> fn(*inputs)
+    w_bytes: int
+    x_bytes: int
+    tiles: tuple[tuple[int, int, int], ...]  # swap-AB (block_n, block_k, num_warps) to try
+
+
+DECODE_FORMATS = {
+    "bf16": DecodeFormat(bf16_set, lambda cfg: lambda x, w: gemm.linear_decode(x, w, config=cfg), 2, 2,
+                         ((64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 4))),
+    "fp8": DecodeFormat(fp8_set, lambda cfg: lambda *a: gemm_fp8.linear_fp8(*a, config=cfg), 1, 1,
+                        ((64, 256, 4), (64, 512, 4), (128, 256, 4), (128, 512, 4))),
+    # int8 w widened in registers is the wgmma's A operand: 128x256 needs 8 warps not to spill (ptxas, sm_90a)
+    "w8a16": DecodeFormat(w8_set, lambda cfg: lambda *a: gemm_woq.linear_w8a16(*a, config=cfg), 1, 2,
+                          ((64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8))),
+}
+
+
+def fill_split(N: int, cfg: gemm.DecodeConfig) -> int:
+    """The power-of-two K split that brings the column blocks nearest to one program per SM."""
+    blocks = triton.cdiv(N, cfg.block_n)
+    return 2 ** round(math.log2(gemm.num_sms() / blocks)) if blocks < gemm.num_sms() else 1
+
+
+def decode_tag(cfg: gemm.DecodeConfig) -> str:
+    return f"{cfg.block_n}/{cfg.block_k}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages}/{cfg.block_m}"
+
+
+def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int, N: int, K: int) -> str:
+    """The default decode config against the best swap-AB one of block_n x block_k x stages, its two
+    leaders split over K to fill the SMs, and the leader with an 8-column x tile."""
+    fmt = DECODE_FORMATS[name]
+    w_bytes = N * K * fmt.w_bytes
+    pool = itertools.cycle([fmt.make(M, N, K)() for _ in range(num_sets(w_bytes))])
+    times: dict[gemm.DecodeConfig | None, float] = {}
+    failed = 0
+
+    def time(cfg: gemm.DecodeConfig | None) -> None:
+        nonlocal failed
+        try:  # the same inputs for every config
+            times[cfg] = timed(fmt.run(cfg), lambda: next(pool), w_bytes, rep=60)
+        except (OutOfResources, CompilationError, RuntimeError):  # over the shared-memory limit, say
+            failed += 1
+
+    def ranked() -> list[gemm.DecodeConfig]:
+        return sorted((c for c in times if c is not None), key=times.__getitem__)
+    smem = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 227 * 2**10)
+    time(None)
+    for (bn, bk, nw), stages in itertools.product(fmt.tiles, (3, 4, 5)):
+        if stages * bk * (bn * fmt.w_bytes + 16 * fmt.x_bytes) <= smem:  # Triton's pipeline buffers fit
+            time(gemm.DecodeConfig(bn, bk, 1, nw, stages, 16, swap_ab=True))
+    for cfg in ranked()[:2]:
+        if fill_split(N, cfg) > 1:
+            time(replace(cfg, split_k=fill_split(N, cfg)))
+    if ranked() and M <= 8:
+        time(replace(ranked()[0], block_m=8))
+    head = f"{name:<5} {model} {layer:<7} M{M} N{N:<5} K{K:<5}"
+    if None not in times or not ranked():
+        return f"{head} no comparison: {failed} configs failed"
+    best = ranked()[0]
+
+    def rate(t: float) -> str:
+        return f"{t * 1e3:6.1f} us {w_bytes / t / 1e9:4.2f} ({w_bytes / t / 1e9 / ceil.copy_tbs:4.0%})"
+    default = gemm.decode_config(M, N, K, fmt.w_bytes, fmt.x_bytes)
+    return (f"{head} default {rate(times[None])} {decode_tag(default):<15} swap {rate(times[best])} "
+            f"{decode_tag(best):<15} {times[None] / times[best]:4.2f}x" + (f" ({failed} failed)" if failed else ""))
+
+
+def decode_sweep(ceil: Ceilings, formats: list[str]) -> None:
+    """Swap-AB decode configs against the default, one line per (format, shape, M), printed as measured."""
+    print("# decode-sweep: us, TB/s of weights (% of copy); cfg block_n/block_k/split_k/warps/stages/block_m",
+          flush=True)
+    for name, (model, layer, N, K), M in itertools.product(formats, LINEARS, (1, 8)):
+        print(decode_sweep_line(ceil, name, model, layer, M, N, K), flush=True)
+        torch.cuda.empty_cache()
 
 
 def make_pool(num_seqs: int, ctx: int, q_per_seq: int, H: int = 32, Hkv: int = 8, D: int = 128, bs: int = 16,
@@ -313,6 +401,11 @@ def poisoned(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
 
 
+# The swap-AB decode form at the odd shape: one program row, and a K split with two 8-column x tiles at M = 16.
+SWAP_CHECKS = (gemm.DecodeConfig(64, 128, 1, swap_ab=True),
+               gemm.DecodeConfig(128, 256, 3, num_stages=3, block_m=8, swap_ab=True))
+
+
 def check(results: list[tuple[str, float, float]]) -> None:
     """Each kernel at real shapes (and odd ones) into NaN-poisoned outputs, against its reference."""
     def add(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -323,12 +416,17 @@ def check(results: list[tuple[str, float, float]]) -> None:
         if M > gemm.DECODE_MAX_M:
             add(f"bf16 prefill M{M} N{N} K{K}", gemm.linear_prefill(x, w, out=poisoned((M, N), BF16)),
                 gemm.linear_reference(x, w), 1e-2)
+        swaps = SWAP_CHECKS if model == "odd" and M <= gemm.DECODE_MAX_M else ()
+        for cfg in swaps:
+            add(f"bf16 swap-AB {decode_tag(cfg)} M{M} N{N} K{K}",
+                gemm.linear_decode(x, w, out=poisoned((M, N), BF16), config=cfg), gemm.linear_reference(x, w), 1e-2)
         for per_row in (False, True):
             xq, xs = gemm_fp8.quantize_fp8(x.float(), per_row)
             wq, ws = gemm_fp8.quantize_fp8(w.float(), per_row)
-            add(f"fp8 {'row' if per_row else 'tensor'} M{M} N{N} K{K}",
-                gemm_fp8.linear_fp8(xq, wq, xs, ws, out=poisoned((M, N), BF16)),
-                gemm_fp8.linear_fp8_reference(xq, wq, xs, ws), 1e-2)
+            for cfg in (None, *swaps):
+                add(f"fp8 {'row' if per_row else 'tensor'}{' swap-AB ' + decode_tag(cfg) if cfg else ''} M{M} N{N} K{K}",
+                    gemm_fp8.linear_fp8(xq, wq, xs, ws, out=poisoned((M, N), BF16), config=cfg),
+                    gemm_fp8.linear_fp8_reference(xq, wq, xs, ws), 1e-2)
         q = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128 * 128, N // 8 * 8), device="cuda"))
         z = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128, N // 8 * 8), device="cuda"))
         s = (torch.rand(K // 128, N // 8 * 8, device="cuda") * 0.01 + 0.001).to(BF16)
@@ -338,8 +436,10 @@ def check(results: list[tuple[str, float, float]]) -> None:
             gemm_woq.linear_awq_reference(xa, q, z, s), 1e-2)
         wq8 = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         ws8 = torch.rand(N, device="cuda") * 0.01
-        add(f"w8a16 M{M} N{N} K{K}", gemm_woq.linear_w8a16(x, wq8, ws8, out=poisoned((M, N), BF16)),
-            gemm_woq.linear_w8a16_reference(x, wq8, ws8), 1e-2)
+        for cfg in (None, *swaps):
+            add(f"w8a16{' swap-AB ' + decode_tag(cfg) if cfg else ''} M{M} N{N} K{K}",
+                gemm_woq.linear_w8a16(x, wq8, ws8, out=poisoned((M, N), BF16), config=cfg),
+                gemm_woq.linear_w8a16_reference(x, wq8, ws8), 1e-2)
     for B, ctx, q_per_seq in ((1, 8192, 1), (8, 2048, 1), (64, 2048, 1), (3, 1000, 1), (2, 1500, 700), (1, 4096, 4096)):
         for kv_dtype in (BF16, gemm_fp8.FP8):
             p = make_pool(B, ctx, q_per_seq, kv_dtype=kv_dtype)
@@ -398,9 +498,14 @@ def check(results: list[tuple[str, float, float]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="GPU correctness at real shapes, then exit")
-    ap.add_argument("--only", default="gemm,attn,small", help="comma list of gemm, sweep, attn, small")
+    ap.add_argument("--only", default="gemm,attn,small",
+                    help="comma list of gemm, sweep, decode-sweep, attn, small")
+    ap.add_argument("--formats", default=",".join(DECODE_FORMATS),
+                    help="weight formats timed by decode-sweep (comma list of bf16, fp8, w8a16)")
     ap.add_argument("--sweep", action="store_true", help="also time alternative attention configs")
     args = ap.parse_args(argv)
+    if unknown := set(args.formats.split(",")) - set(DECODE_FORMATS):
+        ap.error(f"--formats: unknown {sorted(unknown)}; choose from {', '.join(DECODE_FORMATS)}")
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.check:
@@ -422,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only.split(",")
     sections = {"gemm": lambda: bench_gemm(ceil, rows),
                 "sweep": lambda: sweep(ceil, rows),
+                "decode-sweep": lambda: decode_sweep(ceil, args.formats.split(",")),
                 "attn": lambda: bench_attention(ceil, rows, args.sweep),
                 "small": lambda: bench_small_ops(ceil, rows)}
     for name in only:

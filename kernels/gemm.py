@@ -27,6 +27,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 16
+    swap_ab: bool = False  # w tile as the MMA's A operand: block_n rows (64, 128) fill a wgmma, x is not padded
 
 
 @dataclass(frozen=True)
@@ -56,30 +57,45 @@ def _scale(acc, ptr, offs, n, KIND: tl.constexpr, AXIS: tl.constexpr):
 @triton.jit
 def _decode_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                    k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                    UPCAST: tl.constexpr):
     # One program streams a [BLOCK_N, k_per_split] slab of w once; BLOCK_M rows of x ride along.
+    # SWAP_AB computes the transposed tile y^T = w @ x^T, accumulator [BLOCK_N, BLOCK_M].
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                    mask=(offs_m[:, None] < M) & (k[None, :] < k_hi), other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None],
-                    mask=(offs_n[None, :] < N) & (k[:, None] < k_hi), other=0.0)
-        acc = mma(x, w, acc, UPCAST)
-    acc = _scale(_scale(acc, xs_ptr, offs_m, M, X_SCALE, 0), ws_ptr, offs_n, N, W_SCALE, 1)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if SWAP_AB:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :],
+                        mask=(offs_n[:, None] < N) & (k[None, :] < k_hi), other=0.0)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                         mask=(offs_m[None, :] < M) & (k[:, None] < k_hi), other=0.0)
+            if not UPCAST:  # int8 w widens to x's dtype in registers (mma converts only its b operand)
+                w = w.to(xt.dtype)
+            acc = mma(w, xt, acc, UPCAST)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                        mask=(offs_m[:, None] < M) & (k[None, :] < k_hi), other=0.0)
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k[:, None],
+                        mask=(offs_n[None, :] < N) & (k[:, None] < k_hi), other=0.0)
+            acc = mma(x, w, acc, UPCAST)
+    if SWAP_AB:
+        acc = _scale(_scale(acc, xs_ptr, offs_m, M, X_SCALE, 1), ws_ptr, offs_n, N, W_SCALE, 0)
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     else:
+        acc = _scale(_scale(acc, xs_ptr, offs_m, M, X_SCALE, 0), ws_ptr, offs_n, N, W_SCALE, 1)
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ATOMIC:  # one of several K splits: f32 partial sums
         tl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -115,14 +131,17 @@ def _prefill_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, stride_xm, str
 
 def decode_config(M: int, N: int, K: int, w_bytes: int = 2, x_bytes: int = 2) -> DecodeConfig:
     """Slabs of 256 to 512 bytes of each weight row per step, narrow enough to give every SM work.
-    Picked from the sweeps in BENCHMARKS.md (H200, M = 1 and 8 on the Llama-3.1-8B shapes)."""
-    if w_bytes == 1 and x_bytes == 1:  # fp8: a 64-row x tile (wgmma-sized) streams better
-        return DecodeConfig(64, 256, 1, 4, 3, 64) if N >= 8192 else DecodeConfig(32, 512, 1, 4, 3, 64)
-    if w_bytes == 1:
+    bf16 and fp8 take the swap-AB form (64 weight rows fill a wgmma; 2 to 25% faster than the
+    x-as-A form on every Llama-3.1-8B/3.2-1B shape but one, H100, `bench.py --only decode-sweep`)."""
+    if w_bytes == 1 and x_bytes == 1:  # fp8
+        if N >= 8192:
+            return DecodeConfig(64, 256, 1, 4, 3 if K >= 4096 else 5, 16, swap_ab=True)
+        return DecodeConfig(64, 512, 1, 4, 5, 16, swap_ab=True)
+    if w_bytes == 1:  # int8 weights, widened in registers: the x-as-A form until a sweep says otherwise
         return DecodeConfig(32, 512, 1, 4, 3)
-    if N >= 8192:
-        return DecodeConfig(64, 128, 1, 4, 4)
-    return DecodeConfig(32 if N >= 4096 else 16, 256, 1, 4, 4)
+    if N >= 8192 and K <= 2048:
+        return DecodeConfig(64, 128, 1, 4, 5, 16, swap_ab=True)
+    return DecodeConfig(64, 256, 1, 4, 4 if N >= 8192 else 5, 16, swap_ab=True)
 
 
 def prefill_config(M: int, N: int, K: int, w_bytes: int = 2) -> PrefillConfig:
@@ -162,8 +181,9 @@ def launch_decode(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, x_scale: 
     xs, ws = (x_scale if x_scale is not None else x), (w_scale if w_scale is not None else x)
     _decode_kernel[grid](x, w, acc, xs, ws, M, N, K, x.stride(0), w.stride(0), acc.stride(0),
                          k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         SPLIT_K=split, X_SCALE=_scale_kind(x_scale), W_SCALE=_scale_kind(w_scale),
-                         UPCAST=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         ATOMIC=split > 1, SWAP_AB=cfg.swap_ab, X_SCALE=_scale_kind(x_scale),
+                         W_SCALE=_scale_kind(w_scale), UPCAST=interpreting(), num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
     if split > 1:
         out.copy_(acc)
     return out

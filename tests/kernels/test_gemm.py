@@ -41,6 +41,31 @@ def test_fp8(M, N, K, per_row, device, check, poisoned):
         check(gemm_fp8.linear_fp8(xq, wq, xs, ws, config=DecodeConfig(16, 64, 3)), ref, 1e-2)
 
 
+# Swap-AB decode (y^T = w @ x^T): N, K off the tiles; one or two programs along M; K split in two.
+SWAP_CASES = [(1, 8), (3, 16), (11, 8)]  # (M, block_m)
+
+
+@pytest.mark.parametrize("M,block_m", SWAP_CASES)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_decode_swap_ab_bf16(M, block_m, split_k, device, check, poisoned):
+    N, K = 77, 200
+    x, w = torch.randn(M, K, dtype=BF16, device=device), torch.randn(N, K, dtype=BF16, device=device)
+    cfg = DecodeConfig(64, 64, split_k, block_m=block_m, swap_ab=True)
+    check(gemm.linear_decode(x, w, out=poisoned((M, N), BF16, device), config=cfg), gemm.linear_reference(x, w), 1e-2)
+
+
+@pytest.mark.parametrize("M,block_m", SWAP_CASES)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_decode_swap_ab_fp8_row_scaled(M, block_m, split_k, device, check, poisoned):
+    # Per-token x scales run along the swapped accumulator's columns, per-channel w scales along its rows.
+    N, K = 77, 200
+    xq, xs = gemm_fp8.quantize_fp8(torch.randn(M, K, device=device) * torch.rand(M, 1, device=device) * 8, True)
+    wq, ws = gemm_fp8.quantize_fp8(torch.randn(N, K, device=device) * torch.rand(N, 1, device=device) * 8, True)
+    cfg = DecodeConfig(64, 64, split_k, block_m=block_m, swap_ab=True)
+    check(gemm_fp8.linear_fp8(xq, wq, xs, ws, out=poisoned((M, N), BF16, device), config=cfg),
+          gemm_fp8.linear_fp8_reference(xq, wq, xs, ws), 1e-2)
+
+
 def test_quantize_fp8_scales(device):
     x = torch.randn(7, 33, device=device, generator=torch.Generator(device).manual_seed(0)) * 5
     q, s = gemm_fp8.quantize_fp8(x, per_row=True)

@@ -61,3 +61,15 @@ def test_w8a16(M, N, K, device, check, poisoned):
     if M <= 16:
         check(gemm_woq.linear_w8a16(x, wq, ws, config=DecodeConfig(16, 64, 2)), ref, 1e-2)
 
+
+@pytest.mark.parametrize("M,block_m", [(1, 8), (3, 16), (11, 8)])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_w8a16_decode_swap_ab(M, block_m, split_k, device, check, poisoned):
+    # int8 w as the MMA's A operand (widened in registers), per-channel scales along the accumulator's rows.
+    N, K = 77, 200
+    x = torch.randn(M, K, dtype=BF16, device=device)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
+    ws = torch.rand(N, device=device) * 0.01 + 1e-3
+    cfg = DecodeConfig(64, 64, split_k, block_m=block_m, swap_ab=True)
+    check(gemm_woq.linear_w8a16(x, wq, ws, out=poisoned((M, N), BF16, device), config=cfg),
+          gemm_woq.linear_w8a16_reference(x, wq, ws), 1e-2)

@@ -335,6 +335,7 @@ class CudaExecutable:
         self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
         self._graph_pool = None
         self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0}
+        self.released = False
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -359,6 +360,8 @@ class CudaExecutable:
         return [env[s] for s in self.output_slots]
 
     def __call__(self, *inputs: torch.Tensor, step: StepInfo | None = None) -> list[torch.Tensor]:
+        if self.released:
+            raise RuntimeError("this executable was released (its tensor-parallel job was closed): compile again")
         meta, caches = inputs[: len(SERVING_INPUTS)], inputs[len(SERVING_INPUTS):]
         step = step or StepInfo.of(*meta[:6])
         if self.cuda_graphs and step.num_tokens == step.num_seqs and step.num_seqs <= BATCH_BUCKETS[-1]:
@@ -369,6 +372,14 @@ class CudaExecutable:
         self.stats["eager_steps"] += 1
         meta = [t.to(self.device, non_blocking=True) for t in meta]
         return self.run_program([*meta, *caches], step)
+
+    def release(self) -> None:
+        """Drop the captured graphs and the all-reduce's buffers (they hold the process group's
+        communicators) before the group is left; the executable runs nothing after this."""
+        self.graphs.clear()
+        self._graph_pool = None
+        self.all_reduce = None
+        self.released = True
 
     # -- CUDA graphs for decode -------------------------------------------------------------------
 

@@ -72,6 +72,21 @@ class RankState:
     executable: Any = None
     caches: list[torch.Tensor] = field(default_factory=list)
 
+    def release_device(self) -> None:
+        """Drop what holds the communicators (captured graphs with collectives, symmetric buffers) so
+        that aborting them does not wait on it; the rank serves nothing after this."""
+        if self.executable is not None and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            release = getattr(self.executable, "release", None)
+            if release is not None:
+                release()
+            self.executable = None
+            self.caches = []
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
 
 # -- a model every rank can rebuild -----------------------------------------------------------------
 
@@ -360,13 +375,13 @@ class Ranks:
                 self._send([STOP])
             except Exception:  # noqa: BLE001  (a worker already gone: it is stopped below either way)
                 graceful = False
-        if self.backend == "nccl" and torch_dist.is_initialized():  # every rank aborts at once; none waits on another
-            _leave_group(self.backend)
         deadline = time.monotonic() + (timeout_s if graceful else 0.0)
         for p in self._procs:
             p.join(max(0.0, deadline - time.monotonic()))
         self._kill_workers()
         if torch_dist.is_initialized():
+            with contextlib.suppress(Exception):  # a device already broken: leave the group all the same
+                self.state.release_device()
             _leave_group(self.backend)
         for c in [*self._status, *self._lifelines, *self._commands]:
             c.close()
@@ -444,6 +459,9 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, device: st
                 torch_dist.gather_object(result, None, dst=0, group=control)
             elif command == STEP:
                 _run_step(state, header[2:].tolist(), payload)
+        if backend == "nccl":  # exiting frees the communicators; rank 0 aborts its own once the peers are gone
+            torch.cuda.synchronize()
+            os._exit(0)
         _leave_group(backend)
     except BaseException as e:  # noqa: BLE001  (whatever ends a worker is reported to rank 0)
         try:
@@ -452,16 +470,29 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, device: st
             os._exit(1)
 
 
-def _leave_group(backend: str) -> None:
-    """Leave the process group without waiting on peers: NCCL's communicators are aborted (destroying
-    them is collective and hangs once a peer has gone, or with captured collectives outstanding);
-    gloo's group is destroyed."""
+def _leave_group(backend: str, timeout_s: float = 30.0) -> None:
+    """Leave the process group without waiting on peers. NCCL's communicators are aborted, once the
+    workers have exited (destroying them is collective and hangs once a peer has gone; aborting them
+    while a peer still holds them was seen to hang both); gloo's group is destroyed."""
     abort = getattr(torch_dist.distributed_c10d, "_abort_process_group", None)
-    with contextlib.suppress(Exception):  # a group already broken by a dead peer
-        if backend == "nccl" and abort is not None:
-            abort()
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+
+    def leave() -> None:
+        with contextlib.suppress(Exception):  # a group already broken by a dead peer
+            if backend == "nccl" and abort is not None:
+                abort()
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
+
+    if backend != "nccl":
+        return leave()
+    worker = threading.Thread(target=leave, name="kiln-leave-nccl", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        import warnings
+
+        warnings.warn(f"kiln: NCCL did not shut down within {timeout_s:.0f} s; its process group is left open, "
+                      f"so this process cannot start another tensor-parallel job (start a new process)")
 
 
 def _exit_with_parent(lifeline: Any) -> None:

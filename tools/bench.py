@@ -47,6 +47,7 @@ class Row:
     tpot_ms: float | None = None
     tok_s: float | None = None
     note: str = ""
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # per step kind: count, GPU busy/idle ms
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Report:
     peak_memory_gib: float | None = None
     weights_gib: float | None = None
     gpu_idle_fraction: float | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
     tensor_parallel: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
 
@@ -68,6 +70,7 @@ class Report:
                  "- compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.compile_s.items()),
                  f"- weights in GPU memory: {_fmt(self.weights_gib, '.2f')} GiB; peak allocated: "
                  f"{_fmt(self.peak_memory_gib, '.2f')} GiB",
+                 "- engine: " + ", ".join(f"{k} {v}" for k, v in self.engine.items()),
                  f"- GPU idle between decode steps: {_fmt(None if self.gpu_idle_fraction is None else 100 * self.gpu_idle_fraction, '.1f')}% of decode wall time",
                  *([f"- tensor parallel: " + ", ".join(f"{k} {v:g}" for k, v in self.tensor_parallel.items())]
                    if self.tensor_parallel else []),
@@ -141,6 +144,28 @@ class _StepTimer:
         gaps = sum(e.elapsed_time(s2) for (_, e), (s2, _) in zip(decode, decode[1:]))
         return gaps / (busy + gaps)
 
+    def breakdown(self, since: int = 0) -> dict[str, dict[str, float]]:
+        """Per step kind (decode, mixed) of the steps from `since` on: how many, and the mean GPU time
+        of a step and of the gap before it (host work the GPU waited on)."""
+        torch.cuda.synchronize()
+        out: dict[str, dict[str, float]] = {}
+        for i in range(max(since, 1), len(self.events)):
+            (_, prev_end, _), (start, end, step) = self.events[i - 1], self.events[i]
+            kind = out.setdefault("decode" if step is not None and step.is_decode else "mixed",
+                                  {"steps": 0, "gpu_ms": 0.0, "idle_ms": 0.0})
+            kind["steps"] += 1
+            kind["gpu_ms"] += start.elapsed_time(end)
+            kind["idle_ms"] += prev_end.elapsed_time(start)
+        for kind in out.values():
+            kind["gpu_ms"] /= kind["steps"]
+            kind["idle_ms"] /= kind["steps"]
+        return out
+
+
+def describe_steps(steps: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{k} {int(v['steps'])} steps, GPU {v['gpu_ms']:.2f} + idle {v['idle_ms']:.2f} ms"
+                     for k, v in steps.items())
+
 
 def run_requests(engine: Any, prompts: list[list[int]], out_len: int, device: str) -> tuple[float, float, float]:
     """Submit all prompts at once; (mean TTFT s, mean TPOT s, output tok/s)."""
@@ -204,7 +229,9 @@ def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int
     build = BuildConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                         max_seq_len=longest + 1)
     engine = Engine(graph, timer, kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=args.kv_fraction),
-                    build_config=build, device=compiled.device)
+                    build_config=build, device=compiled.device, overlap=args.overlap)
+    report.engine = {"overlap": engine.overlap, "max_batch_size": build.max_batch_size,
+                     "max_num_tokens": build.max_num_tokens}
     gen = torch.Generator().manual_seed(args.seed)
 
     def prompts(n: int, length: int) -> list[list[int]]:
@@ -216,16 +243,22 @@ def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int
     report.compile_s["compile call to first token"] = time.perf_counter() - t0
     for b in args.batches:  # warm (captures this batch's decode graphs), then measure
         run_requests(engine, prompts(b, args.input_len), 4, compiled.device)
+        since = len(timer.events) if isinstance(timer, _StepTimer) else 0
         ttft, tpot, rate = run_requests(engine, prompts(b, args.input_len), args.output_len, compiled.device)
-        report.rows.append(Row("kiln", f"batch {b}, {args.input_len}/{args.output_len}", 1e3 * ttft, 1e3 * tpot, rate))
+        steps = timer.breakdown(since) if isinstance(timer, _StepTimer) else {}
+        report.rows.append(Row("kiln", f"batch {b}, {args.input_len}/{args.output_len}", 1e3 * ttft, 1e3 * tpot, rate,
+                               describe_steps({k: v for k, v in steps.items() if k == "decode"}), steps))
         if isinstance(timer, _StepTimer) and b == args.batches[0]:
             report.gpu_idle_fraction = timer.idle_fraction()
     for w in args.workloads:
         i, o = (int(x) for x in w.split("/"))
-        run_requests(engine, prompts(min(args.requests, args.max_batch_size), i), 4, compiled.device)
+        # warm with the same requests cut to 4 tokens: every mixed-step shape JIT-compiles here, not in the timing
+        run_requests(engine, prompts(args.requests, i), 4, compiled.device)
+        since = len(timer.events) if isinstance(timer, _StepTimer) else 0
         ttft, tpot, rate = run_requests(engine, prompts(args.requests, i), o, compiled.device)
+        steps = timer.breakdown(since) if isinstance(timer, _StepTimer) else {}
         report.rows.append(Row("kiln", f"{args.requests} requests {w}", 1e3 * ttft, 1e3 * tpot, rate,
-                               "max load"))
+                               "max load" + (f": {describe_steps(steps)}" if steps else ""), steps))
     if compiled.device.startswith("cuda"):
         report.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
     if hasattr(exe, "stats"):
@@ -341,9 +374,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", type=lambda s: [w for w in s.split(",") if w], default=["128/128", "2048/128"],
                    help="IN/OUT token lengths for the maximum-throughput runs")
     p.add_argument("--requests", type=int, default=512, help="requests per maximum-throughput workload")
-    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-batch-size", type=int, default=512, help="sequences per step (default 512: "
+                   "the 512 requests of a maximum-load workload decode as one batch)")
     p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--kv-fraction", type=float, default=0.85, help="free_gpu_memory_fraction for the KV pool")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading the last one's greedy tokens (default: on for GPUs)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     p.add_argument("--compare", action="store_true", help="also run transformers eager and static+compile")
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,13 @@ from ..passes.kv_cache import SERVING_INPUTS
 from .blocks import BlockPool
 from .config import BuildConfig, KvCacheConfig, available_host_memory
 from .detokenizer import IncrementalDetokenizer, StopChecker
-from .sampling import SamplingParams, plain_greedy, request_generator, sample
+from .sampling import (
+    SamplingParams,
+    request_generator,
+    sample,
+    sample_on_device,
+    samples_on_device,
+)
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 
 CPU_POOL_TOKENS = 65536
@@ -87,7 +93,7 @@ class Request:
 
 @dataclass
 class _Pending:
-    """A launched step whose greedy tokens are still on the device; the engine resolves them one
+    """A launched step whose sampled tokens are still on the device; the engine resolves them one
     step later, after launching the next step, so host work runs while the GPU computes."""
 
     seqs: list[Sequence]             # in the order of `tokens`
@@ -154,9 +160,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._state: dict[int, _SeqState] = {}
         self.steps = 0
-        # Overlap: a step of plain greedy rows leaves its tokens on the device and the next step is
-        # scheduled and launched before they are read (a finished sequence may so compute one token
-        # that is dropped). Default: on for GPU executables that take host metadata (kiln's cuda backend).
+        # Overlap: a step whose rows all sample on the device (greedy, or drawn without a seed, with no
+        # logprobs or penalties) leaves its tokens there, and the next step is scheduled and launched
+        # before they are read (a finished sequence may so compute one token that is dropped).
+        # Default: on for GPU executables that take host metadata (kiln's cuda backend).
         self.overlap = (device.startswith("cuda") and getattr(executable, "host_inputs", False)) \
             if overlap is None else overlap
         self._pending: _Pending | None = None
@@ -290,8 +297,9 @@ class Engine:
         rows, ready = [r for r, _ in live], [seq for _, seq in live]
         states = [self._state[seq.seq_id] for seq in ready]
         params = [st.request.params for st in states]
-        if self.overlap and not prompt_rows and all(plain_greedy(p, seq.output_ids) for p, seq in zip(params, ready)):
-            self._pending = self._launch_greedy(logits, rows, ready)
+        if self.overlap and not prompt_rows and all(samples_on_device(p, seq.output_ids, st.generator)
+                                                    for p, seq, st in zip(params, ready, states)):
+            self._pending = self._launch_sampling(logits, rows, ready, params)
             return
         sampled = sample(logits[rows], params, [seq.prompt_ids for seq in ready],
                          [seq.output_ids for seq in ready], [st.generator for st in states],
@@ -300,10 +308,11 @@ class Engine:
             self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
             touched[st.request.request_id] = st.request
 
-    def _launch_greedy(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence]) -> _Pending:
-        """Enqueue the argmax of `rows` and its copy to the host; the sequences hold a placeholder."""
+    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence],
+                         params: list[SamplingParams]) -> _Pending:
+        """Enqueue the sampling of `rows` and its copy to the host; the sequences hold a placeholder."""
         index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
-        tokens = logits.index_select(0, index).argmax(dim=-1)
+        tokens = sample_on_device(logits.index_select(0, index), params)
         if logits.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)

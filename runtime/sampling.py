@@ -186,6 +186,12 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
     return out
 
 
+def _on(device: torch.device, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device (a blocking copy would wait for
+    the step in flight)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Mask to -inf what each row's top-k, then top-p nucleus, then min-p floor excludes
     (transformers' order; ties with the k-th logit are kept). Expects temperature applied."""
@@ -197,14 +203,14 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     if all(k >= vocab for k in top_k) and all(p == 1.0 for p in top_p) and not any(min_p):
         return logits
     ordered, order = logits.sort(dim=-1, descending=True)
-    kth = ordered.gather(1, torch.tensor(top_k, device=device).clamp(max=vocab)[:, None] - 1)
+    kth = ordered.gather(1, _on(device, top_k, torch.int64).clamp(max=vocab)[:, None] - 1)
     keep = ordered >= kth
     probs = ordered.masked_fill(~keep, -math.inf).softmax(dim=-1)
     mass_ahead = probs.cumsum(dim=-1) - probs
-    keep &= mass_ahead < torch.tensor(top_p, device=device)[:, None]
+    keep &= mass_ahead < _on(device, top_p, torch.float32)[:, None]
     keep[:, 0] = True
     probs = ordered.masked_fill(~keep, -math.inf).softmax(dim=-1)
-    keep &= probs >= torch.tensor(min_p, device=device)[:, None] * probs[:, :1]
+    keep &= probs >= _on(device, min_p, torch.float32)[:, None] * probs[:, :1]
     mask = torch.empty_like(keep).scatter_(1, order, keep)
     return logits.masked_fill(~mask, -math.inf)
 
@@ -254,8 +260,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
            eos_ids: Sequence[int | Iterable[int] | None] | None = None) -> SampledTokens:
     """Pick one token per row; `eos_ids` (per row, the tokenizer's eos) feeds min_tokens suppression."""
     rows, vocab = logits.shape
-    if all(plain_greedy(p, out) for p, out in zip(params, output_ids)):  # serving's common case: one argmax
-        return SampledTokens(logits.argmax(dim=-1).tolist(), [0.0] * rows, [None] * rows)
+    if all(map(samples_on_device, params, output_ids, generators)):  # serving's common case
+        return SampledTokens(sample_on_device(logits, params).tolist(), [0.0] * rows, [None] * rows)
     raw = torch.log_softmax(logits.float(), dim=-1)
     processed = apply_penalties(logits, params, prompt_ids, output_ids)
     suppress_finish(processed, params, output_ids, eos_ids)
@@ -282,11 +288,28 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
     return SampledTokens(token_ids, chosen, top_logprobs(raw, token_ids, [p.logprobs for p in params]))
 
 
-def plain_greedy(p: SamplingParams, output_ids: Sequence[int]) -> bool:
-    """Greedy with nothing that changes or reports the distribution: the argmax is the whole answer
-    (the chosen logprob is not reported, so it is left 0)."""
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
-            and not p.presence_penalty and len(output_ids) >= p.min_tokens)
+def samples_on_device(p: SamplingParams, output_ids: Sequence[int], generator: torch.Generator | None) -> bool:
+    """Whether a row's token needs nothing from the host: no logprobs to report (the chosen one is left
+    0), no penalties, min_tokens reached, and greedy or drawn from torch's default generator."""
+    return (p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
+            and not p.presence_penalty and len(output_ids) >= p.min_tokens and (p.greedy or generator is None))
+
+
+def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The tokens of rows that `samples_on_device`, left where the logits are (no wait on the device):
+    an argmax, or temperature, the filters and one Gumbel draw (as `sample` draws them)."""
+    tokens = logits.argmax(dim=-1)
+    drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if drawn:
+        device = logits.device
+        index = _on(device, drawn, torch.int64)
+        x = logits.index_select(0, index).float()
+        temperature = _on(device, [params[row].temperature for row in drawn], torch.float32)[:, None]
+        x = filter_logits((x - x.max(dim=-1, keepdim=True).values) / temperature, [params[row] for row in drawn])
+        uniform = torch.rand(x.shape, device=device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+        tokens[index] = (x + gumbel).argmax(dim=-1)
+    return tokens
 
 
 def beam_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],

@@ -30,14 +30,15 @@ def tiny(arch: str = "llama", dtype=torch.float32, **extra):
     return cls(config_cls(**common)).eval().to(dtype)
 
 
-def serve(graph, exe, prompts, max_tokens=8, device="cpu", pool_tokens=1024, max_batch=64, eos=None):
-    """Greedy tokens; with `eos`, EOS is held back for max_tokens as transformers' min_new_tokens does,
-    else ignored (which lets EOS be picked)."""
+def serve(graph, exe, prompts, max_tokens=8, device="cpu", pool_tokens=1024, max_batch=64, eos=None, params=None,
+          overlap=None):
+    """Greedy tokens (or those `params` ask for); with `eos`, EOS is held back for max_tokens as transformers'
+    min_new_tokens does, else ignored (which lets EOS be picked)."""
     engine = Engine(graph, exe, kv_cache_config=KvCacheConfig(max_tokens=pool_tokens), device=device,
                     build_config=BuildConfig(max_batch_size=max_batch, max_num_tokens=256),
-                    eos_token_ids=[] if eos is None else eos)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True) if eos is None else \
-        SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0)
+                    eos_token_ids=[] if eos is None else eos, overlap=overlap)
+    params = params or (SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True) if eos is None else
+                        SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     done = {}
@@ -139,6 +140,25 @@ def test_cuda_graphs_give_the_reference_tokens_under_load_and_preemption():
     assert got == want
     assert exe.stats["graph_steps"] > 0, exe.stats
     print(f"\n300 requests under preemption: identical to the reference; {exe.stats}")
+
+
+@GPU
+def test_overlapped_steps_give_what_synchronous_steps_give():
+    """Steps overlapped with the host (the default on a GPU): greedy requests, and unseeded sampled ones
+    drawn on the GPU, get the tokens synchronous steps give from the same generator state."""
+    _, exe, graph = both(tiny().cuda(), "cuda")
+    batch = prompts(64, longest=60, seed=3)
+    runs = {}
+    for overlap in (False, True):
+        for name, params in (("greedy", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)),
+                             ("sampled", SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, ignore_eos=True))):
+            torch.manual_seed(5)
+            runs[overlap, name], engine = serve(graph, exe, batch, device="cuda", pool_tokens=8192, params=params,
+                                                overlap=overlap)
+            assert engine.overlap is overlap
+    assert runs[True, "greedy"] == runs[False, "greedy"]
+    assert runs[True, "sampled"] == runs[False, "sampled"]
+    assert runs[True, "sampled"] != runs[True, "greedy"]
 
 
 @GPU

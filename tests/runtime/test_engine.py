@@ -117,3 +117,28 @@ def test_unstreamed_requests_are_reported_once_finished(smol):
     assert len(results[True]) > 3
     final = {o.request_id: o.outputs[0].token_ids for o in results[True] if o.finished}
     assert {o.request_id: o.outputs[0].token_ids for o in results[False]} == final
+
+
+def test_unseeded_sampling_overlaps_and_draws_as_synchronous_steps(smol):
+    """Temperature, top-k/top-p draws without a seed are made on the device too (and so overlap);
+    from the same default generator state they draw the same tokens as synchronous steps."""
+    import torch
+
+    params = [SamplingParams(max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, ignore_eos=True),
+              SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=9, temperature=1.3, min_p=0.05, ignore_eos=True)]
+    requests = [(str(i), prompt, p) for i, (prompt, p) in enumerate(zip(PROMPTS, params))]
+    torch.manual_seed(7)
+    sync, _ = serve(smol, False, requests, max_tokens=2048)
+    torch.manual_seed(7)
+    overlapped, engine = serve(smol, True, requests, max_tokens=2048)
+    for rid in sync:
+        assert_same(overlapped[rid], sync[rid], rid)
+    torch.manual_seed(8)
+    other, _ = serve(smol, True, requests, max_tokens=2048)
+    assert any(other[r].outputs[0].token_ids != sync[r].outputs[0].token_ids for r in ("0", "2"))
+    compiled, tokenizer = smol
+    engine = Engine(compiled.graph, compiled.executable(), tokenizer=tokenizer, overlap=True)
+    for rid, prompt, p in requests:
+        engine.add_request(rid, tokenizer(prompt)["input_ids"], p)
+    assert engine.step() == [] and engine._pending is not None  # the draws were left on the device

@@ -259,7 +259,11 @@ class Engine:
                 raise RuntimeError("no sequence can be scheduled: the KV pool is too small for the waiting "
                                    "request")
             return []
-        launched = self._run(batch, pending) if batch else None
+        try:
+            launched = self._run(batch, pending) if batch else None
+        except BaseException:
+            self._pending = pending  # a step that failed to launch loses none of the tokens still to read
+            raise
         touched: dict[str, Request] = {}
         if pending is not None:  # the GPU is busy with `batch` while the host takes these in
             for seq, token in zip(pending.seqs, pending.resolve()):

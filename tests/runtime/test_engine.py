@@ -142,3 +142,32 @@ def test_unseeded_sampling_overlaps_and_draws_as_synchronous_steps(smol):
     for rid, prompt, p in requests:
         engine.add_request(rid, tokenizer(prompt)["input_ids"], p)
     assert engine.step() == [] and engine._pending is not None  # the draws were left on the device
+
+
+def test_a_step_that_fails_to_launch_keeps_the_pending_tokens(smol):
+    """An executable that raises once: the step fails, and the next steps read the pending tokens and
+    finish every request as an engine that never failed."""
+    compiled, tokenizer = smol
+    runs = []
+    for fail in (False, True):
+        exe, calls = compiled.executable(), [0]
+
+        def flaky(*args, _exe=exe, **kwargs):
+            calls[0] += 1
+            if fail and calls[0] == 3:
+                raise RuntimeError("launch failed")
+            return _exe(*args, **kwargs)
+
+        engine = Engine(compiled.graph, flaky, tokenizer=tokenizer, overlap=True)
+        for i, prompt in enumerate(PROMPTS[:2]):
+            engine.add_request(str(i), tokenizer(prompt)["input_ids"], SamplingParams(max_tokens=5, temperature=0.0))
+        done = {}
+        while engine.has_work:
+            try:
+                outs = engine.step()
+            except RuntimeError:
+                assert fail and engine._pending is not None
+                continue
+            done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
+        runs.append(done)
+    assert runs[0] == runs[1] and len(runs[0]) == 2

@@ -380,8 +380,9 @@ class Ranks:
             p.join(max(0.0, deadline - time.monotonic()))
         self._kill_workers()
         if torch_dist.is_initialized():
-            with contextlib.suppress(Exception):  # a device already broken: leave the group all the same
-                self.state.release_device()
+            if self._failure is None and not self._died.is_set():  # a dead peer can leave a kernel spinning: no sync
+                with contextlib.suppress(Exception):  # a device already broken: leave the group all the same
+                    self.state.release_device()
             _leave_group(self.backend)
         for c in [*self._status, *self._lifelines, *self._commands]:
             c.close()
@@ -572,8 +573,18 @@ class DistributedExecutable:
         self.local = ranks.state.executable
         self.device = ranks.state.device
 
+    def check_health(self) -> None:
+        """Raise `RankError` if a rank has failed (the Engine polls it while it waits on the device)."""
+        self.ranks.check()
+
     def __call__(self, *inputs: torch.Tensor, step: Any = None) -> list[torch.Tensor]:
         n = len(SERVING_INPUTS)
+        if any(t.is_cuda for t in inputs[:n]):  # tokens left on the device by the last step: wait for them, alive
+            from .engine import wait_for
+
+            event = torch.cuda.Event()
+            event.record()
+            wait_for(event, self.ranks.check)
         meta, caches = [t.cpu() for t in inputs[:n]], list(inputs[n:])
         header, payload = _pack(meta, caches[0].shape[0] if caches else 0)
         if step is None and getattr(self.local, "host_inputs", False):

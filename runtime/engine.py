@@ -8,6 +8,7 @@ made: metadata, one K and one V cache per layer), so any backend's executable pl
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from typing import Sequence as Seq
@@ -104,10 +105,25 @@ class _Pending:
     def row_of(self) -> dict[int, int]:
         return {seq.seq_id: i for i, seq in enumerate(self.seqs)}
 
-    def resolve(self) -> list[int]:
+    def resolve(self, check: Callable[[], None] | None = None) -> list[int]:
+        """The tokens, once copied; `check` (raising) is polled while waiting."""
         if self.ready is not None:
-            self.ready.synchronize()
+            wait_for(self.ready, check)
         return self.host.tolist()
+
+
+WAIT_POLL_S = 50e-6
+
+
+def wait_for(event: Any, check: Callable[[], None] | None = None) -> None:
+    """Wait for a CUDA event; with `check`, by polling it, so that a step that can never finish (a
+    tensor-parallel peer died inside a collective) raises `check`'s error instead of hanging."""
+    if check is None:
+        event.synchronize()
+        return
+    while not event.query():
+        check()
+        time.sleep(WAIT_POLL_S)
 
 
 PLACEHOLDER = -1
@@ -167,6 +183,7 @@ class Engine:
         self.overlap = (device.startswith("cuda") and getattr(executable, "host_inputs", False)) \
             if overlap is None else overlap
         self._pending: _Pending | None = None
+        self._health: Callable[[], None] | None = getattr(executable, "check_health", None)  # raises if broken
 
     def _pool_blocks(self, num_caches: int, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         per_token = num_caches * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -266,7 +283,7 @@ class Engine:
             raise
         touched: dict[str, Request] = {}
         if pending is not None:  # the GPU is busy with `batch` while the host takes these in
-            for seq, token in zip(pending.seqs, pending.resolve()):
+            for seq, token in zip(pending.seqs, pending.resolve(self._health)):
                 st = self._state.get(seq.seq_id)
                 if st is not None and seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
                     seq.output_ids.pop()
@@ -295,6 +312,7 @@ class Engine:
         live = [(row, seq) for row, seq in sample_rows if seq.seq_id in self._state and seq.status is not Status.FINISHED]
         prompt_rows = [r for r in prompt_rows if r[1].seq_id in self._state]
         if prompt_rows:
+            self._await(logits)
             self._prompt_logprobs(logits, prompt_rows, touched)
         if not live:
             return
@@ -305,12 +323,21 @@ class Engine:
                                                     for p, seq, st in zip(params, ready, states)):
             self._pending = self._launch_sampling(logits, rows, ready, params)
             return
+        self._await(logits)
         sampled = sample(logits[rows], params, [seq.prompt_ids for seq in ready],
                          [seq.output_ids for seq in ready], [st.generator for st in states],
                          eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
         for i, (seq, st) in enumerate(zip(ready, states)):
             self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
             touched[st.request.request_id] = st.request
+
+    def _await(self, logits: torch.Tensor) -> None:
+        """Before the host reads the step's results: wait for them checking the executable's health
+        (a tensor-parallel job whose peer died raises here rather than hang in a read)."""
+        if self._health is not None and logits.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            wait_for(event, self._health)
 
     def _launch_sampling(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence],
                          params: list[SamplingParams]) -> _Pending:

@@ -162,6 +162,38 @@ def test_overlapped_steps_give_what_synchronous_steps_give():
 
 
 @GPU
+def test_the_engine_polls_the_executables_health_while_it_waits():
+    """An executable with `check_health` (tensor parallelism's: a rank died) is asked while the engine
+    waits on the GPU, overlapped or not, and its error ends the step instead of a wait."""
+    _, exe, graph = both(tiny().cuda(), "cuda")
+
+    class Failing:
+        host_inputs = True
+
+        def __init__(self):
+            self.polls = 0
+
+        def __call__(self, *args, **kwargs):
+            torch.cuda._sleep(50_000_000)  # keep the GPU busy so that the engine has to wait
+            return exe(*args, **kwargs)
+
+        def check_health(self):
+            self.polls += 1
+            if self.polls > 3:
+                raise RuntimeError("rank 1 of 2 failed")
+
+    for overlap in (True, False):
+        failing = Failing()
+        engine = Engine(graph, failing, kv_cache_config=KvCacheConfig(max_tokens=1024), device="cuda",
+                        overlap=overlap)
+        engine.add_request("0", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+        with pytest.raises(RuntimeError, match="rank 1 of 2 failed"):
+            while engine.has_work:
+                engine.step()
+        assert failing.polls > 3
+
+
+@GPU
 def test_bf16_kernels_agree_with_eager_and_graphs():
     model = tiny(dtype=torch.bfloat16).cuda()
     _, eager, graph = both(model, "cuda", cuda_graphs=False)
@@ -262,3 +294,30 @@ def test_tensor_parallel_on_two_gpus_gives_one_ranks_tokens(route, monkeypatch):
     assert not failed and stats["graph_steps"] > 0
     if route == "nccl":
         assert "one-shot" not in used
+
+
+@TWO_GPUS
+def test_a_killed_rank_ends_the_gpu_job_with_an_error():
+    """A worker killed while NCCL ranks replay graphs that hold collectives: rank 0 raises `RankError`
+    naming it (it polls the ranks' health while it waits on the device) instead of waiting forever."""
+    import signal
+    import time
+
+    from kiln.runtime.distributed import RankError
+    from kiln.runtime.llm import LLM
+
+    compiled = kiln.compile(tiny().cuda(), target="cuda", progress=False)
+    llm = LLM(compiled, skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(max_tokens=4096),
+              build_config=BuildConfig(max_batch_size=16, max_num_tokens=256), tensor_parallel_size=2)
+    try:
+        long = SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True)
+        llm.generate([1, 2, 3], long, use_tqdm=False)  # compiles and captures first
+        running = llm.generate_async([4, 5, 6], long)
+        time.sleep(0.2)
+        os.kill(llm.parallel.ranks.pids[0], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RankError, match="rank 1 of 2 failed"):
+            running.result(timeout=60)
+        print(f"\nkilled rank 1: RankError after {time.monotonic() - start:.2f} s")
+    finally:
+        llm.close()

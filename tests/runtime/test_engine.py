@@ -171,3 +171,29 @@ def test_a_step_that_fails_to_launch_keeps_the_pending_tokens(smol):
             done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
         runs.append(done)
     assert runs[0] == runs[1] and len(runs[0]) == 2
+
+
+def test_wait_for_polls_the_health_check_until_the_device_is_done():
+    """The wait that tensor parallelism relies on when a peer dies (no CUDA here: an event that
+    stands in for one, done after a few queries or never)."""
+    from kiln.runtime.engine import wait_for
+
+    class Event:
+        def __init__(self, done_after):
+            self.queries, self.done_after = 0, done_after
+
+        def query(self):
+            self.queries += 1
+            return self.queries > self.done_after
+
+    checks = []
+    wait_for(Event(3), lambda: checks.append(1))
+    assert len(checks) == 3
+
+    def dead():
+        if len(checks) > 5:
+            raise RuntimeError("rank 1 of 2 failed")
+        checks.append(1)
+
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed"):
+        wait_for(Event(10**9), dead)

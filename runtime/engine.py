@@ -249,9 +249,9 @@ class Engine:
         if request is None:
             return
         for seq, out in zip(request.seqs, request.outputs):
-            if seq.status is not Status.FINISHED:
+            if not out.finished:  # (its sequence may have left the scheduler already: a last token pending)
                 self.scheduler.finish(seq)
-                out.finish_reason = out.finish_reason or "abort"
+                out.finish_reason = "abort"
             self._state.pop(seq.seq_id, None)
         if request.on_update:
             request.on_update(request.snapshot())

@@ -197,3 +197,20 @@ def test_wait_for_polls_the_health_check_until_the_device_is_done():
 
     with pytest.raises(RuntimeError, match="rank 1 of 2 failed"):
         wait_for(Event(10**9), dead)
+
+
+def test_aborting_a_request_whose_last_token_is_pending_finishes_it(smol):
+    compiled, tokenizer = smol
+    engine = Engine(compiled.graph, compiled.executable(), tokenizer=tokenizer, overlap=True)
+    seen = []
+    engine.add_request("0", tokenizer(PROMPTS[0])["input_ids"], SamplingParams(max_tokens=2, temperature=0.0),
+                       on_update=seen.append)
+    engine.step()                       # prefill: token 1 pending
+    engine.step()                       # token 1 read, token 2 (the last) launched and pending
+    assert engine._pending is not None and not seen[-1].finished
+    engine.abort("0")
+    assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
+    while engine.has_work:
+        assert engine.step() == []      # the pending token belongs to no request now
+    engine.pool.check()
+    assert all(r == 0 for r in engine.pool.refs)

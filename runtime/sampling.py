@@ -268,12 +268,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
     tokens = processed.argmax(dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
-        index = torch.tensor(drawn, device=logits.device)
-        x = processed[index]
-        temperature = torch.tensor([params[row].temperature for row in drawn], device=logits.device)[:, None]
-        x = (x - x.max(dim=-1, keepdim=True).values) / temperature  # <= 0: a tiny temperature cannot overflow
-        x = filter_logits(x, [params[row] for row in drawn])
-        uniform = torch.empty_like(x)
+        uniform = torch.empty(len(drawn), vocab, device=logits.device)
         shared = [i for i, row in enumerate(drawn) if generators[row] is None]
         if shared:
             uniform[shared] = torch.rand(len(shared), vocab, device=logits.device)
@@ -281,8 +276,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
             if generators[row] is not None:
                 generator = generators[row]  # drawn where it lives: a CPU generator serves GPU logits too
                 uniform[i] = torch.rand(vocab, generator=generator, device=generator.device).to(logits.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
-        tokens[index] = (x + gumbel).argmax(dim=-1)
+        index = _on(logits.device, drawn, torch.int64)
+        tokens[index] = _gumbel_draw(processed[index], [params[row] for row in drawn], uniform)
     token_ids = tokens.tolist()
     chosen = raw.gather(1, tokens[:, None])[:, 0].tolist()
     return SampledTokens(token_ids, chosen, top_logprobs(raw, token_ids, [p.logprobs for p in params]))
@@ -301,15 +296,18 @@ def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
     tokens = logits.argmax(dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
-        device = logits.device
-        index = _on(device, drawn, torch.int64)
-        x = logits.index_select(0, index).float()
-        temperature = _on(device, [params[row].temperature for row in drawn], torch.float32)[:, None]
-        x = filter_logits((x - x.max(dim=-1, keepdim=True).values) / temperature, [params[row] for row in drawn])
-        uniform = torch.rand(x.shape, device=device)
-        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
-        tokens[index] = (x + gumbel).argmax(dim=-1)
+        index = _on(logits.device, drawn, torch.int64)
+        uniform = torch.rand(len(drawn), logits.shape[1], device=logits.device)
+        tokens[index] = _gumbel_draw(logits.index_select(0, index).float(), [params[row] for row in drawn], uniform)
     return tokens
+
+
+def _gumbel_draw(x: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of f32 logits x: temperature, the filters, then the Gumbel-max race on `uniform`."""
+    temperature = _on(x.device, [p.temperature for p in params], torch.float32)[:, None]
+    x = filter_logits((x - x.max(dim=-1, keepdim=True).values) / temperature, params)  # <= 0: a tiny T cannot overflow
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+    return (x + gumbel).argmax(dim=-1)
 
 
 def beam_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],

@@ -11,7 +11,8 @@ CUDA graphs.
   as merged q/k/v are computed there), never as a host copy of the whole model.
 - Decode steps (one new token per sequence) are captured once per (batch bucket, context bucket) and
   replayed; a batch is padded to the next bucket with rows that write nothing (slot -1) and read one
-  token. Steps with prefill run eagerly.
+  token. A step that prefills one prompt of up to PREFILL_BUCKETS[-1] tokens (a lone request's time to
+  first token) is captured the same way, its tokens padded at the end. Other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from .all_reduce import AllReduce
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 """Decode batch sizes captured as CUDA graphs (on first use); a batch pads to the next one."""
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+"""Prompt lengths of lone prefill steps captured as CUDA graphs; a prompt pads to the next one."""
 MIN_CONTEXT_BUCKET = 256
-"""Captured decode graphs are keyed by the step's longest context rounded up to a power of two from here."""
+"""Captured graphs are keyed by the step's longest context rounded up to a power of two from here."""
 
 
 # -- the lowering table ---------------------------------------------------------------------------
@@ -332,7 +335,7 @@ class CudaExecutable:
         has_collectives = any(op.name == "dist.all_reduce" for op in graph.ops)
         self.all_reduce = AllReduce.for_job(device) if has_collectives else AllReduce(1)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        self.graphs: dict[tuple[int, int], _CapturedDecode] = {}
+        self.graphs: dict[StepInfo, _CapturedStep] = {}
         self._graph_pool = None
         self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0}
         self.released = False
@@ -364,8 +367,9 @@ class CudaExecutable:
             raise RuntimeError("this executable was released (its tensor-parallel job was closed): compile again")
         meta, caches = inputs[: len(SERVING_INPUTS)], inputs[len(SERVING_INPUTS):]
         step = step or StepInfo.of(*meta[:6])
-        if self.cuda_graphs and step.num_tokens == step.num_seqs and step.num_seqs <= BATCH_BUCKETS[-1]:
-            captured = self._decode_graph(step, meta, caches)
+        shape = self._captured_shape(step, meta) if self.cuda_graphs else None
+        if shape is not None:
+            captured = self._captured(shape, caches)
             if captured is not None:
                 self.stats["graph_steps"] += 1
                 return [captured.replay(meta, step)]
@@ -381,78 +385,100 @@ class CudaExecutable:
         self.all_reduce = None
         self.released = True
 
-    # -- CUDA graphs for decode -------------------------------------------------------------------
+    # -- CUDA graphs ------------------------------------------------------------------------------
 
-    def _decode_graph(self, step: StepInfo, meta: Sequence[torch.Tensor],
-                      caches: Sequence[torch.Tensor]) -> "_CapturedDecode | None":
-        batch = next(b for b in BATCH_BUCKETS if b >= step.num_seqs)
-        context = max(MIN_CONTEXT_BUCKET, 1 << (step.max_context_len - 1).bit_length())
-        key = (batch, context)
-        captured = self.graphs.get(key)
+    def _captured_shape(self, step: StepInfo, meta: Sequence[torch.Tensor]) -> "StepInfo | None":
+        """The padded step a captured graph runs for this one, or None to run it eagerly."""
+        if step.is_decode and step.num_seqs <= BATCH_BUCKETS[-1]:
+            batch = next(b for b in BATCH_BUCKETS if b >= step.num_seqs)
+            return StepInfo(batch, batch, 1, _context_bucket(step.max_context_len))
+        if step.num_seqs == 1 and step.num_tokens <= PREFILL_BUCKETS[-1] and len(meta[6]) == 1:
+            tokens = next(b for b in PREFILL_BUCKETS if b >= step.num_tokens)
+            return StepInfo(1, tokens, tokens, _context_bucket(step.max_context_len))
+        return None
+
+    def _captured(self, shape: StepInfo, caches: Sequence[torch.Tensor]) -> "_CapturedStep | None":
+        captured = self.graphs.get(shape)
         if captured is None:
             if self.graphs.get(("failed",)) is not None:
                 return None
-            block = caches[0].shape[1]
             t0 = time.perf_counter()
             try:
-                captured = _CapturedDecode.capture(self, batch, context, block, caches)
+                captured = _CapturedStep.capture(self, shape, caches)
             except Exception as e:  # an op that cannot be captured (a host sync): stay eager, say why once
                 import warnings
 
-                warnings.warn(f"kiln cuda backend: decode steps run eagerly, CUDA-graph capture failed: "
+                warnings.warn(f"kiln cuda backend: steps run eagerly, CUDA-graph capture failed: "
                               f"{type(e).__name__}: {e}")
                 self.graphs[("failed",)] = e  # type: ignore[index]
                 return None
-            self.graphs[key] = captured
+            self.graphs[shape] = captured
             self.stats["captures"] += 1
             self.stats["capture_s"] += time.perf_counter() - t0
         return captured
 
 
+def _context_bucket(length: int) -> int:
+    return max(MIN_CONTEXT_BUCKET, 1 << (length - 1).bit_length())
+
+
 @dataclass
-class _CapturedDecode:
-    """One decode graph: static metadata buffers it reads, the logits buffer it writes."""
+class _CapturedStep:
+    """One captured step shape: the static metadata buffers it reads, the logits buffer it writes.
+
+    Padding rows write nothing (slot -1). A padded decode row is a sequence of its own that reads one
+    token of block 0; a prefill's padding tokens follow the prompt's and belong to no sequence (the
+    prompt's query range ends before them), so attention neither reads them nor writes their rows, and
+    what the token-wise ops compute for them stays in their own rows."""
 
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]   # tokens, positions, slots, block_tables, context_lens, query_start, logits_indices
     logits: torch.Tensor
-    batch: int
+    shape: StepInfo
 
     @classmethod
-    def capture(cls, exe: CudaExecutable, batch: int, context: int, block: int,
-                caches: Sequence[torch.Tensor]) -> "_CapturedDecode":
+    def capture(cls, exe: CudaExecutable, shape: StepInfo, caches: Sequence[torch.Tensor]) -> "_CapturedStep":
         dev = exe.device
         i32 = dict(dtype=torch.int32, device=dev)
-        inputs = [torch.zeros(batch, **i32), torch.zeros(batch, **i32),
-                  torch.full((batch,), -1, dtype=torch.int64, device=dev),
-                  torch.zeros(batch, -(-context // block), **i32), torch.ones(batch, **i32),
-                  torch.arange(batch + 1, **i32), torch.arange(batch, dtype=torch.int64, device=dev)]
-        step = StepInfo(batch, batch, 1, context)
+        n, t = shape.num_seqs, shape.num_tokens
+        block = caches[0].shape[1]
+        decode = shape.is_decode
+        inputs = [torch.zeros(t, **i32), torch.zeros(t, **i32),
+                  torch.full((t,), -1, dtype=torch.int64, device=dev),
+                  torch.zeros(n, -(-shape.max_context_len // block), **i32),
+                  torch.ones(n, **i32) if decode else torch.full((1,), t, **i32),
+                  torch.arange(n + 1, **i32) if decode else torch.tensor([0, t], **i32),
+                  torch.arange(n, dtype=torch.int64, device=dev) if decode
+                  else torch.full((1,), t - 1, dtype=torch.int64, device=dev)]
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile every kernel for these shapes; rope tables grow here, not in capture
-                exe.run_program([*inputs, *caches], step)
+                exe.run_program([*inputs, *caches], shape)
         torch.cuda.current_stream(dev).wait_stream(stream)
         if exe._graph_pool is None:
             exe._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: NCCL's watchdog thread may query events while this thread captures
         with torch.cuda.graph(graph, pool=exe._graph_pool, capture_error_mode="thread_local"):
-            logits = exe.run_program([*inputs, *caches], step)[0]
-        return cls(graph, inputs, logits, batch)
+            logits = exe.run_program([*inputs, *caches], shape)[0]
+        return cls(graph, inputs, logits, shape)
 
     def replay(self, meta: Sequence[torch.Tensor], step: StepInfo) -> torch.Tensor:
-        n = step.num_seqs
-        tokens, positions, slots, tables, lens = self.inputs[:5]
-        tokens[:n].copy_(meta[0], non_blocking=True)
-        positions[:n].copy_(meta[1], non_blocking=True)
-        slots[:n].copy_(meta[2], non_blocking=True)
-        slots[n:].fill_(-1)
+        n, t = step.num_seqs, step.num_tokens
+        tokens, positions, slots, tables, lens, starts, rows = self.inputs
+        tokens[:t].copy_(meta[0], non_blocking=True)
+        positions[:t].copy_(meta[1], non_blocking=True)
+        slots[:t].copy_(meta[2], non_blocking=True)
+        slots[t:].fill_(-1)
         width = min(meta[3].shape[1], tables.shape[1])  # columns past the context bucket are never read
         tables[:n, :width].copy_(meta[3][:, :width], non_blocking=True)
         lens[:n].copy_(meta[4], non_blocking=True)
-        lens[n:].fill_(1)
+        if self.shape.is_decode:
+            lens[n:].fill_(1)
+        else:  # one prompt of t tokens: its query range and its last token's logits row
+            starts[1:].fill_(t)
+            rows.fill_(t - 1)
         self.graph.replay()
         return self.logits[:n]
 

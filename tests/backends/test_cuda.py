@@ -143,6 +143,30 @@ def test_cuda_graphs_give_the_reference_tokens_under_load_and_preemption():
 
 
 @GPU
+def test_lone_prompts_prefill_from_captured_graphs_as_eager_steps_do():
+    """Requests that arrive alone prefill from a captured graph (padded to a prompt bucket): prompts of
+    1 to 300 tokens, chunked ones (the later chunk reads its cached first chunk) and a prompt whose
+    prefix is cached from the one before give the reference's tokens."""
+    ref, exe, graph = both(tiny().cuda(), "cuda")
+    lone = prompts(6, longest=300, seed=4) + [[5] * 40, [5] * 40 + [7] * 9, [9]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    runs = []
+    for g, x in ((ref.graph, ref.executable()), (graph, exe)):
+        engine = Engine(g, x, kv_cache_config=KvCacheConfig(max_tokens=4096), device="cuda",
+                        build_config=BuildConfig(max_batch_size=8, max_num_tokens=256), eos_token_ids=[])
+        tokens = []
+        for i, p in enumerate(lone):  # one at a time: every prefill step holds one prompt
+            engine.add_request(str(i), p, params)
+            while engine.has_work:
+                tokens += [out.outputs[0].token_ids for out in engine.step() if out.finished]
+        runs.append(tokens)
+    assert runs[1] == runs[0]
+    prefills = [s for s in exe.graphs if not isinstance(s, tuple) and not s.is_decode]
+    assert len(prefills) >= 3, list(exe.graphs)
+    print(f"\n{len(lone)} lone prompts: identical to the reference; captured prefill shapes {prefills}")
+
+
+@GPU
 def test_overlapped_steps_give_what_synchronous_steps_give():
     """Steps overlapped with the host (the default on a GPU): greedy requests, and unseeded sampled ones
     drawn on the GPU, get the tokens synchronous steps give from the same generator state."""

@@ -4,6 +4,7 @@
     python -m kiln.kernels.bench --check     # correctness at real shapes, outputs poisoned with NaN
     python -m kiln.kernels.bench --only gemm,attn --sweep
     python -m kiln.kernels.bench --only decode-sweep   # swap-AB decode GEMM configs against the defaults
+    python -m kiln.kernels.bench --only awq-sweep      # K-packed W4A16 configs (GEMV at M = 1, MMA, dequantise)
 
 Times are medians of triton.testing.do_bench (which clears L2 before each run); weights also rotate
 over enough copies to exceed L2. Each row gives the time, the achieved rate, the fraction of the
@@ -126,6 +127,16 @@ def awq_set(M: int, N: int, K: int) -> Callable[[], tuple]:
     return make
 
 
+def kpacked_set(M: int, N: int, K: int, device: str = "cuda") -> Callable[[], tuple]:
+    """x and K-packed int4 weights (group 128), repacked from random AutoAWQ tensors."""
+    def make():
+        q = gemm_woq.awq_pack(torch.randint(0, 16, (K, N), device=device))
+        z = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128, N), device=device))
+        s = (torch.rand(K // 128, N, device=device) * 0.01 + 0.001).to(BF16)
+        return torch.randn(M, K, device=device, dtype=BF16), gemm_woq.awq_kpack(q, z, s)
+    return make
+
+
 def w8_set(M: int, N: int, K: int) -> Callable[[], tuple]:
     return lambda: (torch.randn(M, K, device="cuda", dtype=BF16),
                     torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8),
@@ -160,6 +171,9 @@ def bench_gemm(ceil: Ceilings, rows: list[Row]) -> None:
             io = M * K * 2 + N * K // 2 + N * K // 128 * 2.5 + M * N * 2
             rows.append(gemm_row("w4a16 awq", shape, t, M, N, K, int(io), ceil.bf16_tflops, ceil, t_bf16, N * K // 2,
                                  "torch = bf16"))
+            t = timed(gemm_woq.linear_awq_kpacked, kpacked_set(M, N, K), N * K // 2)
+            rows.append(gemm_row("w4a16 kpacked", shape, t, M, N, K, int(io), ceil.bf16_tflops, ceil, t_bf16,
+                                 N * K // 2, "torch = bf16"))
             t = timed(gemm_woq.linear_w8a16, w8_set(M, N, K), N * K)
             rows.append(gemm_row("w8a16", shape, t, M, N, K, M * K * 2 + N * K + M * N * 2, ceil.bf16_tflops,
                                  ceil, t_bf16, N * K, "torch = bf16"))
@@ -268,6 +282,77 @@ def decode_sweep(ceil: Ceilings, formats: list[str]) -> None:
     for name, (model, layer, N, K), M in itertools.product(formats, LINEARS, (1, 8)):
         print(decode_sweep_line(ceil, name, model, layer, M, N, K), flush=True)
         torch.cuda.empty_cache()
+
+
+# (model, layer, N, K) of the W4A16 sweep, with q/k/v and gate/up fused as they are served.
+AWQ_SWEEP_LINEARS = [("8B", "qkv", 6144, 4096), ("8B", "o", 4096, 4096), ("8B", "gate/up", 28672, 4096),
+                     ("8B", "down", 4096, 14336), ("1B", "qkv", 3072, 2048), ("1B", "o", 2048, 2048),
+                     ("1B", "gate/up", 16384, 2048), ("1B", "down", 2048, 8192)]
+GEMV, MMA, DEQUANT = gemm_woq.AwqGemvConfig, gemm_woq.AwqMmaConfig, gemm_woq.AwqDequantConfig
+# Rows per program and per thread (x reuse), warps, groups per step, and how far K is split.
+AWQ_GEMV_SWEEP = (GEMV(128), GEMV(512, num_warps=8), GEMV(512), GEMV(256, num_warps=8), GEMV(128, num_warps=2),
+                  GEMV(64, num_warps=1), GEMV(256, 8), GEMV(256, iter_groups=2), GEMV(256, programs_per_sm=1),
+                  GEMV(256, programs_per_sm=2), GEMV(256, programs_per_sm=6), GEMV(64, split_k=1),
+                  GEMV(128, split_k=1), MMA())
+# M > 1: tensor-core tiles, and from M = 32 the dequantise + cuBLAS path, which decides DEQUANT_MIN_M.
+AWQ_MMA_SWEEP = {8: (MMA(128, num_warps=8), MMA(64, 8, num_stages=4), MMA(programs_per_sm=4), MMA(split_k=1),
+                     MMA(block_m=8)),
+                 16: (MMA(128, num_warps=8), MMA(64, 8, num_stages=4), MMA(programs_per_sm=4), MMA(split_k=1)),
+                 32: (MMA(block_m=32), MMA(128, block_m=32, num_warps=8), DEQUANT()),
+                 64: (MMA(block_m=64), MMA(128, block_m=64, num_warps=8), DEQUANT())}
+
+
+def awq_tag(cfg: gemm_woq.AwqKPackedConfig | None) -> str:
+    def split(c):
+        return f"split {c.split_k}" if c.split_k else f"~{c.programs_per_sm}/SM"
+    if isinstance(cfg, GEMV):
+        return f"gemv {cfg.block_n}/{cfg.block_kw}w {cfg.num_warps}wp {cfg.iter_groups}g {split(cfg)}"
+    if isinstance(cfg, MMA):
+        return (f"mma {cfg.block_n}/{8 * cfg.block_kw}k/{cfg.block_m}m {cfg.num_warps}wp {cfg.num_stages}st "
+                f"{split(cfg)}")
+    return "dequant + cuBLAS" if isinstance(cfg, DEQUANT) else "default"
+
+
+def awq_sweep_lines(ceil: Ceilings, model: str, layer: str, M: int, N: int, K: int,
+                    configs: tuple, device: str = "cuda") -> list[str]:
+    """The K-packed linear's default and each config on one pool of inputs, against the AutoAWQ-layout kernel
+    and cuBLAS bf16; the fastest K-packed line is starred."""
+    w_bytes = N * K // 2
+    pool = itertools.cycle([kpacked_set(M, N, K, device)() for _ in range(num_sets(w_bytes))])
+    head = f"{model} {layer:<7} M{M:<3} N{N:<5} K{K:<5}"
+    times: dict[str, float] = {}
+    lines: list[str] = []
+
+    def time(tag: str, fn, make, bytes_: int) -> None:
+        try:
+            times[tag] = timed(fn, make, bytes_, rep=60)
+        except (OutOfResources, CompilationError, RuntimeError, ValueError) as e:  # shared memory, say
+            lines.append(f"{head} {tag:<44} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    time("cuBLAS bf16", lambda x, w: torch.matmul(x, w.t()), bf16_set(M, N, K), N * K * 2)
+    time("linear_awq (AutoAWQ layout)", gemm_woq.linear_awq, awq_set(M, N, K), w_bytes)
+    for cfg in (None, *configs):
+        tag = awq_tag(cfg) if cfg else f"default = {awq_tag(gemm_woq.awq_kpacked_config(M, N, K, 128))}"
+        time(tag, lambda x, w, cfg=cfg: gemm_woq.linear_awq_kpacked(x, w, config=cfg), lambda: next(pool),
+             w_bytes)
+    kpacked = [t for t in times if t not in ("cuBLAS bf16", "linear_awq (AutoAWQ layout)")]
+    best = min(kpacked, key=times.__getitem__) if kpacked else None
+    for tag, t in times.items():
+        rate = w_bytes / t / 1e9
+        lines.append(f"{head} {tag:<44} {t * 1e3:7.1f} us {rate:5.2f} TB/s w {rate / ceil.copy_tbs:4.0%}"
+                     + (" *" if tag == best else ""))
+    return lines
+
+
+def awq_sweep(ceil: Ceilings, linears: list = AWQ_SWEEP_LINEARS, device: str = "cuda") -> None:
+    """K-packed W4A16 configs per shape: M = 1 GEMVs, then tensor-core tiles and dequantise + cuBLAS at M > 1,
+    printed as measured (TB/s of packed weight bytes, % of copy)."""
+    print("# awq-sweep: gemv block_n/block_kw words, warps, groups per step, K split (auto: ~programs per SM); "
+          "mma block_n/block_k/block_m, warps, stages", flush=True)
+    for M, configs in ((1, AWQ_GEMV_SWEEP), *AWQ_MMA_SWEEP.items()):
+        for model, layer, N, K in linears:
+            for line in awq_sweep_lines(ceil, model, layer, M, N, K, configs, device):
+                print(line, flush=True)
+            torch.cuda.empty_cache()
 
 
 def make_pool(num_seqs: int, ctx: int, q_per_seq: int, H: int = 32, Hkv: int = 8, D: int = 128, bs: int = 16,
@@ -406,6 +491,13 @@ SWAP_CHECKS = (gemm.DecodeConfig(64, 128, 1, swap_ab=True),
                gemm.DecodeConfig(128, 256, 3, num_stages=3, block_m=8, swap_ab=True))
 
 
+# K-packed W4A16 at the odd shape (9 groups), by M (1; 3 and 16; 200): K splits with a tail, 2 groups per
+# step, the tensor-core kernel at M = 1, two x tiles at M = 16, the MMA tiles at M = 200.
+KPACKED_CHECKS = {1: (GEMV(128, 8, split_k=3), GEMV(64, iter_groups=2, split_k=1), GEMV(256, 4, num_warps=8),
+                      MMA(split_k=2)),
+                  3: (MMA(128, 8, num_warps=8, split_k=3), MMA(block_m=8), MMA(64, 16, block_m=64), DEQUANT())}
+
+
 def check(results: list[tuple[str, float, float]]) -> None:
     """Each kernel at real shapes (and odd ones) into NaN-poisoned outputs, against its reference."""
     def add(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -434,6 +526,15 @@ def check(results: list[tuple[str, float, float]]) -> None:
         add(f"awq M{M} N{N // 8 * 8} K{K // 128 * 128}",
             gemm_woq.linear_awq(xa, q, z, s, out=poisoned((M, N // 8 * 8), BF16)),
             gemm_woq.linear_awq_reference(xa, q, z, s), 1e-2)
+        kp, ref = gemm_woq.awq_kpack(q, z, s), gemm_woq.linear_awq_reference(xa, q, z, s)
+        for cfg in (None, *(KPACKED_CHECKS[min(M, 3)] if model == "odd" else ())):
+            add(f"awq kpacked {awq_tag(cfg)} M{M} N{N // 8 * 8} K{K // 128 * 128}",
+                gemm_woq.linear_awq_kpacked(xa, kp, out=poisoned((M, N // 8 * 8), BF16), config=cfg), ref, 1e-2)
+        if model == "odd":  # f16 activations and scales
+            x16, s16 = xa.half(), s.half()
+            kp16, ref16 = gemm_woq.awq_kpack(q, z, s16), gemm_woq.linear_awq_reference(x16, q, z, s16)
+            add(f"awq kpacked f16 M{M} N{N // 8 * 8} K{K // 128 * 128}",
+                gemm_woq.linear_awq_kpacked(x16, kp16, out=poisoned((M, N // 8 * 8), torch.float16)), ref16, 2e-3)
         wq8 = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         ws8 = torch.rand(N, device="cuda") * 0.01
         for cfg in (None, *swaps):
@@ -499,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="GPU correctness at real shapes, then exit")
     ap.add_argument("--only", default="gemm,attn,small",
-                    help="comma list of gemm, sweep, decode-sweep, attn, small")
+                    help="comma list of gemm, sweep, decode-sweep, awq-sweep, attn, small")
     ap.add_argument("--formats", default=",".join(DECODE_FORMATS),
                     help="weight formats timed by decode-sweep (comma list of bf16, fp8, w8a16)")
     ap.add_argument("--sweep", action="store_true", help="also time alternative attention configs")
@@ -528,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"gemm": lambda: bench_gemm(ceil, rows),
                 "sweep": lambda: sweep(ceil, rows),
                 "decode-sweep": lambda: decode_sweep(ceil, args.formats.split(",")),
+                "awq-sweep": lambda: awq_sweep(ceil),
                 "attn": lambda: bench_attention(ceil, rows, args.sweep),
                 "small": lambda: bench_small_ops(ceil, rows)}
     for name in only:

@@ -1,6 +1,6 @@
 """Weight-only quantised GEMMs with 16-bit activations: W4A16 in the AutoAWQ layout (group-wise
-scales and zero points) and W8A16 with per-channel scales. At decode they stream a quarter or half
-of the bf16 weight bytes."""
+scales and zero points) or repacked once along K (awq_kpack, for streaming), and W8A16 with
+per-channel scales. At decode they stream a quarter or half of the bf16 weight bytes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import DECODE_MAX_M, DecodeConfig, PrefillConfig, launch_decode, launch_prefill
+from .gemm import (
+    DECODE_MAX_M,
+    DecodeConfig,
+    PrefillConfig,
+    launch_decode,
+    launch_prefill,
+)
 from .hardware import interpreting, mma, num_sms
 
 # AutoAWQ packs 8 columns per int32 with nibble i holding column AWQ_ORDER[i].
@@ -237,4 +243,351 @@ def linear_w8a16(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out: 
         launch_decode(x2, wq, y, None, w_scale.float().reshape(-1), config)
     else:
         launch_prefill(x2, wq, y, None, w_scale.float().reshape(-1), config)
+    return y.view(*x.shape[:-1], N)
+
+
+# ------------------------------------------------------------------ W4A16, K-packed
+# AutoAWQ's qweight packs 8 *columns* per word, so a decode kernel reads 128-byte slivers of each K row
+# with 32-bit loads. Repacked once at load, each output channel's nibbles lie along K, 8 per word in
+# natural order: a program streams contiguous words of BLOCK_N weight rows with 128-bit loads.
+
+
+@dataclass(frozen=True, eq=False)
+class AwqKPacked:
+    """AutoAWQ int4 weights repacked for streaming along K: word j of row n holds q[8j + i, n] in nibble i."""
+    qweight: torch.Tensor  # int32 [N, K/8]
+    zeros: torch.Tensor  # uint8 [K/G, N], unpacked
+    scales: torch.Tensor  # [K/G, N] f16/bf16, as AutoAWQ stores them
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K), as nn.Linear's weight."""
+        return self.qweight.shape[0], self.qweight.shape[1] * 8
+
+
+def awq_kpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> AwqKPacked:
+    """The K-packed copy of AutoAWQ (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]),
+    built on their device: an 8x8 nibble transpose per word block, with temporaries the size of qweight."""
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2 or qzeros.dim() != 2:
+        raise ValueError(f"awq_kpack: qweight and qzeros must be int32 [K, N/8] and [K/G, N/8], got "
+                         f"{qweight.dtype}{list(qweight.shape)} and {qzeros.dtype}{list(qzeros.shape)}")
+    if scales.dim() != 2:
+        raise ValueError(f"awq_kpack: scales must be [K/G, N], got {list(scales.shape)}")
+    (K, NP), (G, N) = qweight.shape, scales.shape
+    if not scales.is_floating_point() or N != NP * 8 or K % 8 or G == 0 or K % G or qzeros.shape != (G, NP):
+        raise ValueError(f"awq_kpack: expected scales float [K/G, N] with N = 8 * {NP} and G dividing K = {K} "
+                         f"(a multiple of 8), qzeros [K/G, N/8]; got scales {scales.dtype}{list(scales.shape)}, "
+                         f"qzeros {list(qzeros.shape)}")
+    if (K // G) % 8:
+        raise ValueError(f"awq_kpack: group size {K // G} must be a multiple of 8 (one K-packed word)")
+    words = qweight.contiguous().view(K // 8, 8, NP)  # [j, i, c]: nibble p of words[j, i, c] is q[8j+i, 8c+ORDER[p]]
+    packed = torch.empty((NP, 8, K // 8), dtype=torch.int32, device=qweight.device)  # [c, column in c, j]
+    for p, col in enumerate(AWQ_ORDER):
+        nibbles = (words >> (4 * p)) & 0xF
+        word = nibbles[:, 0]
+        for i in range(1, 8):
+            word = word | (nibbles[:, i] << (4 * i))
+        packed[:, col] = word.t()
+    return AwqKPacked(packed.view(N, K // 8), awq_unpack(qzeros).to(torch.uint8), scales.contiguous(), K // G)
+
+
+def awq_kunpack(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] K-packed -> int32 [N, K] values in [0, 15]: the oracle of the kernels' unpacking."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    return ((qweight[:, :, None] >> shifts) & 0xF).reshape(qweight.shape[0], -1)
+
+
+def awq_kpacked_dequantize(w: AwqKPacked) -> torch.Tensor:
+    """nn.Linear's weight [N, K] in f32: (q - zero) * scale per group of K columns."""
+    z = w.zeros.t().int().repeat_interleave(w.group, 1)
+    return (awq_kunpack(w.qweight) - z).float() * w.scales.t().float().repeat_interleave(w.group, 1)
+
+
+@dataclass(frozen=True)
+class AwqGemvConfig:
+    """M == 1 on CUDA cores: block_n weight rows per program, loaded [block_n, block_kw] words at a time.
+    The default keeps 8 rows per thread (x is loaded once for them) at 96 registers (sm_90 ptxas)."""
+    block_n: int = 256
+    block_kw: int = 16  # words per row per load, a power of two; capped at the group's words (group / 8)
+    iter_groups: int = 1  # groups per loop iteration, unrolled
+    num_warps: int = 4
+    num_stages: int = 1  # the loads feed no dot: Triton does not pipeline them (sm_90 PTX unchanged)
+    split_k: int | None = None  # None: split K until about programs_per_sm programs per SM
+    programs_per_sm: int = 3
+
+
+@dataclass(frozen=True)
+class AwqMmaConfig:
+    """2 <= M < DEQUANT_MIN_M on tensor cores, swap-AB: the weight tile [block_n, 8 * block_kw] is the MMA's A."""
+    block_n: int = 64
+    block_kw: int = 16  # 8 * block_kw must divide the group
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int | None = None
+    programs_per_sm: int = 2
+
+
+@dataclass(frozen=True)
+class AwqDequantConfig:
+    """Dequantise to an nn.Linear bf16/f16 weight [N, K] (block_n rows per program), then torch.matmul."""
+    block_n: int = 32
+
+
+AwqKPackedConfig = AwqGemvConfig | AwqMmaConfig | AwqDequantConfig
+
+
+# The exponent fields of 1.0 and 16.0, passed to the GEMV as run-time arguments: as constants, ptxas
+# re-materialises them (a MOV per LOP3 or two, sm_90 SASS) since each LOP3 takes one immediate.
+F32_ONE, F32_SIXTEEN = 0x3F800000, 0x41800000
+
+
+@triton.jit
+def _mantissa_pair(w, P: tl.constexpr, ONE, SIXTEEN):
+    # Nibbles 2P + 1 and 2P of w as exact floats from one shift, without an int -> float conversion: the
+    # odd one at mantissa bits 19..22 under the exponent of 1 (1 + q/16), the even one at bits 15..18
+    # under the exponent of 16 (16 + q/16). Then an and-or (one LOP3) per weight.
+    if P < 2:
+        b = w << (15 - 8 * P)
+    else:
+        b = w >> (8 * P - 15)
+    odd = ((b & 0x780000) | ONE).to(tl.float32, bitcast=True)
+    even = ((b & 0x78000) | SIXTEEN).to(tl.float32, bitcast=True)
+    return odd, even
+
+
+@triton.jit
+def _unpack_x_pair(xp, X_BF16: tl.constexpr):
+    # Two 16-bit x values loaded as one int32 -> (x[2i], x[2i + 1]) in f32.
+    if X_BF16:
+        return (xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)
+    return (xp.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+            (xp >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, N, KW, G, groups_per_split, ONE, SIXTEEN,
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_TILES: tl.constexpr,
+                         ITER_GROUPS: tl.constexpr, X_BF16: tl.constexpr):
+    # M == 1, x as int32 pairs. Per group, acc collects x_k f_k over [BLOCK_N, BLOCK_KW] word columns with
+    # f_k = 1 + q_k/16 (odd k) or 16 + q_k/16 (even k), X1 and X16 the sums of those x; so with S = sum(acc),
+    # sum_k x_k q_k = 16 (S - X1 - 16 X16) and the group adds s (sum_k x_k q_k - z (X1 + X16)). The inner
+    # loop is half a shift, one LOP3 and one FMA per weight.
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    g_lo = pid_k * groups_per_split
+    g_hi = tl.minimum(G, g_lo + groups_per_split)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # wrapped: loads stay unmasked along N; the store mask drops the copies
+    offs_w = tl.arange(0, BLOCK_KW)
+    y = tl.sum(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), 1)  # zeros in the layout of the row sums
+    for g0 in range(g_lo, g_hi, ITER_GROUPS):
+        for gi in tl.static_range(ITER_GROUPS):  # a few groups' loads in flight at once
+            g = tl.minimum(g0 + gi, g_hi - 1)  # the tail repeats the last group, counted zero times
+            acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+            x1 = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+            x16 = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+            for t in tl.static_range(GROUP_TILES):
+                kw = (g * GROUP_TILES + t) * BLOCK_KW + offs_w
+                w = tl.load(qw_ptr + rows[:, None] * KW + kw[None, :])
+                for p in tl.static_range(4):
+                    odd, even = _mantissa_pair(w, p, ONE, SIXTEEN)
+                    x_even, x_odd = _unpack_x_pair(tl.load(x_ptr + kw * 4 + p), X_BF16)
+                    acc += odd * x_odd[None, :]
+                    acc += even * x_even[None, :]
+                    x1 += x_odd
+                    x16 += x_even
+            S = tl.sum(acc, 1)
+            X1 = tl.sum(x1, 0)
+            X16 = tl.sum(x16, 0)
+            s = tl.load(s_ptr + g * N + rows).to(tl.float32)
+            z = tl.load(z_ptr + g * N + rows).to(tl.float32)
+            part = s * (16.0 * (S - X1 - 16.0 * X16) - z * (X1 + X16))
+            y += tl.where(g0 + gi < g_hi, part, 0.0)
+    # One K split writes its f32 partial sums to its own row of y (a [splits, N] workspace). The store is
+    # shaped like the weight tile (column 0 only), which keeps y in the layout of the row sums: a 1-D store
+    # pulls y into its own layout and converts it, through shared memory, every group (sm_90 TTGIR).
+    ptrs = y_ptr + pid_k * N + offs_n[:, None] + offs_w[None, :] * 0
+    tl.store(ptrs, y[:, None].to(y_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_w[None, :] == 0))
+
+
+# 16-bit float pairs 1 + q/16 for the tensor-core kernel, by x's dtype: (mask, exponent bits of 1.0) in
+# both halves of a word, and the left shift that moves nibble 0 to the top of the low half's mantissa.
+HALF_PAIRS = {torch.bfloat16: (0x00780078, 0x3F803F80, 3), torch.float16: (0x03C003C0, 0x3C003C00, 6)}
+
+
+@triton.jit
+def _unpack_half_pairs(w, MASK, ONE, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    # [R, C] words -> [R, 8C] 16-bit floats 1 + q/16 (exact), column 8j + 2i + h holding nibble i + 4h of
+    # word j: nibbles i and i + 4 lie 16 bits apart, so one LOP3 makes both halves of a register.
+    t = tl.interleave(w << SHIFT, w >> (8 - SHIFT))
+    t = tl.interleave(t, t >> 4)
+    t = (t & MASK) | ONE
+    lo = t.to(tl.int16).to(DTYPE, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    return tl.interleave(lo, hi)
+
+
+@triton.jit
+def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, M, N, KW, G, stride_xm, groups_per_split, MASK, ONE,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                        GROUP_TILES: tl.constexpr, SHIFT: tl.constexpr, UPCAST: tl.constexpr):
+    # Swap-AB: the tile of 1 + q/16 [BLOCK_N, 8 BLOCK_KW] is the MMA's A, x^T (rows in the tile's k order)
+    # its B. Scales and zeros wait for the group's sums, as in the GEMV: per group acc = sum_k (1 + q_k/16) x_k
+    # and X = sum_k x_k (a second MMA with A = 1, which keeps the sum off the CUDA cores), so the group adds
+    # s (16 (acc - X) - z X).
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g_lo = pid_k * groups_per_split
+    g_hi = tl.minimum(G, g_lo + groups_per_split)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BLOCK_KW)
+    offs_k = tl.arange(0, 8 * BLOCK_KW)
+    y = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g in range(g_lo, g_hi):
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        X = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for t in range(GROUP_TILES):
+            tile = g * GROUP_TILES + t
+            w = tl.load(qw_ptr + rows[:, None] * KW + (tile * BLOCK_KW + offs_w)[None, :])
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (tile * 8 * BLOCK_KW + offs_k)[:, None],
+                         mask=offs_m[None, :] < M, other=0.0)
+            # rows k = 8j + 4h + i -> 8j + 2i + h, the A tile's column order
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_KW, 2, 4, BLOCK_M)), (0, 2, 1, 3)),
+                            (8 * BLOCK_KW, BLOCK_M))
+            acc = mma(_unpack_half_pairs(w, MASK, ONE, SHIFT, x_ptr.dtype.element_ty), xt, acc, UPCAST)
+            X = mma(tl.full((BLOCK_N, 8 * BLOCK_KW), 1.0, x_ptr.dtype.element_ty), xt, X, UPCAST)
+        s = tl.load(s_ptr + g * N + rows).to(tl.float32)
+        z = tl.load(z_ptr + g * N + rows).to(tl.float32)
+        y += s[:, None] * (16.0 * (acc - X) - z[:, None] * X)
+    y_ptrs = y_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+
+@triton.jit
+def _sum_splits_kernel(ws_ptr, y_ptr, L, SPLIT, BLOCK: tl.constexpr):
+    # y = the sum of the K splits' f32 partials (a [SPLIT, L] workspace), rounded once.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(ws_ptr + s * L + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kpacked_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, KW, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One group of K columns by BLOCK_N rows of nn.Linear's W [N, K]: (q - z) * s, rounded once.
+    g, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    kw = g * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    w = tl.load(qw_ptr + offs_n[:, None] * KW + kw[None, :], mask=nmask[:, None], other=0)
+    q = tl.reshape((w[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF, (BLOCK_N, GROUP))
+    z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)
+    s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    out = (q - z[:, None]).to(tl.float32) * s[:, None]
+    k = g * GROUP + tl.arange(0, GROUP)
+    tl.store(w_ptr + offs_n[:, None] * K + k[None, :], out.to(w_ptr.dtype.element_ty), mask=nmask[:, None])
+
+
+def awq_kpacked_dequantize_triton(w: AwqKPacked, dtype: torch.dtype | None = None,
+                                  config: AwqDequantConfig = AwqDequantConfig()) -> torch.Tensor:
+    """nn.Linear's weight [N, K] in dtype (default: the scales'), one pass: for prefill, where cuBLAS after it wins."""
+    (N, K), group = w.shape, w.group
+    out = torch.empty((N, K), dtype=dtype or w.scales.dtype, device=w.qweight.device)
+    _kpacked_dequant_kernel[(K // group, triton.cdiv(N, config.block_n))](
+        w.qweight, w.zeros, w.scales, out, N, K, K // 8, GROUP=group, BLOCK_N=config.block_n)
+    return out
+
+
+def _fill_split(programs: int, groups: int, per_sm: int) -> int:
+    """The power-of-two K split that brings the grid to about per_sm programs per SM, a group or more each."""
+    split = 1
+    while programs * split < per_sm * num_sms() and 2 * split <= groups:
+        split *= 2
+    return split
+
+
+def awq_kpacked_config(M: int, N: int, K: int, group: int) -> AwqKPackedConfig:
+    """The path and tiles for a shape: CUDA-core GEMV at M == 1, swap-AB tensor cores below DEQUANT_MIN_M,
+    dequantise + cuBLAS above."""
+    if M == 1:
+        return AwqGemvConfig()
+    if M < DEQUANT_MIN_M:
+        return AwqMmaConfig(block_kw=min(16, group // 8), block_m=16 if M <= 16 else 32 if M <= 32 else 64)
+    return AwqDequantConfig()
+
+
+def _sum_splits(ws: torch.Tensor, y: torch.Tensor) -> None:
+    L = y.numel()
+    _sum_splits_kernel[(triton.cdiv(L, 1024),)](ws, y, L, ws.shape[0], BLOCK=1024)
+
+
+def _launch_gemv(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqGemvConfig) -> None:
+    (N, K), wpg = w.shape, w.group // 8
+    if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"AwqGemvConfig runs one row of f16/bf16 x, got {x.dtype} x with {x.shape[0]} rows: "
+                         f"use AwqMmaConfig")
+    block_kw = min(cfg.block_kw, wpg)
+    if wpg % block_kw or block_kw & (block_kw - 1):
+        raise ValueError(f"AwqGemvConfig.block_kw={cfg.block_kw} must be a power of two (capped at the {wpg} "
+                         f"words of a group of {w.group}) dividing the group's words")
+    groups, programs = K // w.group, triton.cdiv(N, cfg.block_n)
+    per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
+    per_split = triton.cdiv(per_split, cfg.iter_groups) * cfg.iter_groups
+    split = triton.cdiv(groups, per_split)
+    acc = y if split == 1 else torch.empty((split, N), dtype=torch.float32, device=x.device)
+    x = x if x.data_ptr() % 4 == 0 else x.clone()  # read as int32 pairs
+    _kpacked_gemv_kernel[(programs, split)](
+        x.view(torch.int32), w.qweight, w.zeros, w.scales, acc, N, K // 8, groups, per_split, F32_ONE, F32_SIXTEEN,
+        BLOCK_N=cfg.block_n, BLOCK_KW=block_kw, GROUP_TILES=wpg // block_kw, ITER_GROUPS=cfg.iter_groups,
+        X_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        _sum_splits(acc, y)
+
+
+def _launch_mma(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqMmaConfig) -> None:
+    (M, K), N = x.shape, w.shape[0]
+    if x.dtype not in HALF_PAIRS:
+        raise ValueError(f"AwqMmaConfig runs f16/bf16 x, got {x.dtype}: cast x or use AwqDequantConfig")
+    block_k = 8 * cfg.block_kw
+    if w.group % block_k or block_k & (block_k - 1) or block_k < 16:
+        raise ValueError(f"AwqMmaConfig.block_kw={cfg.block_kw}: 8 * block_kw must be a power of two >= 16 "
+                         f"dividing the group ({w.group})")
+    groups = K // w.group
+    programs = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+    per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
+    split = triton.cdiv(groups, per_split)
+    acc = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
+    mask, one, shift = HALF_PAIRS[x.dtype]
+    _kpacked_mma_kernel[grid](x, w.qweight, w.zeros, w.scales, acc, M, N, K // 8, groups, x.stride(0), per_split,
+                              mask, one, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
+                              GROUP_TILES=w.group // block_k, SHIFT=shift, UPCAST=interpreting(),
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        _sum_splits(acc, y)
+
+
+def _launch_dequant(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqDequantConfig) -> None:
+    torch.matmul(x, awq_kpacked_dequantize_triton(w, x.dtype, cfg).t(), out=y)
+
+
+_KPACKED_LAUNCH = {AwqGemvConfig: _launch_gemv, AwqMmaConfig: _launch_mma, AwqDequantConfig: _launch_dequant}
+
+
+def linear_awq_kpacked(x: torch.Tensor, w: AwqKPacked, out: torch.Tensor | None = None,
+                       config: AwqKPackedConfig | None = None) -> torch.Tensor:
+    """x @ W.T for K-packed AutoAWQ int4 weights (awq_kpack): the decode paths stream each weight word once."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    (M, K), (N, KP) = x2.shape, w.shape
+    if K != KP:
+        raise ValueError(f"linear_awq_kpacked: x has K={K} columns, the weight K={KP}")
+    cfg = config or awq_kpacked_config(M, N, K, w.group)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    if M:
+        _KPACKED_LAUNCH[type(cfg)](x2, w, y, cfg)
     return y.view(*x.shape[:-1], N)

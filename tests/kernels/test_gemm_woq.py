@@ -73,3 +73,58 @@ def test_w8a16_decode_swap_ab(M, block_m, split_k, device, check, poisoned):
     cfg = DecodeConfig(64, 64, split_k, block_m=block_m, swap_ab=True)
     check(gemm_woq.linear_w8a16(x, wq, ws, out=poisoned((M, N), BF16, device), config=cfg),
           gemm_woq.linear_w8a16_reference(x, wq, ws), 1e-2)
+
+
+# --------------------------------------------------------------- K-packed W4A16 (awq_kpack)
+def awq_group_weights(K: int, N: int, group: int, device, dtype=BF16):
+    q = gemm_woq.awq_pack(torch.randint(0, 16, (K, N), device=device))
+    z = gemm_woq.awq_pack(torch.randint(0, 16, (K // group, N), device=device))
+    s = (torch.rand(K // group, N, device=device) * 0.02 + 0.005).to(dtype)
+    return q, z, s
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_awq_kpack_round_trip(group, device):
+    q, z, s = awq_group_weights(256, 40, group, device)
+    w = gemm_woq.awq_kpack(q, z, s)
+    assert w.shape == (40, 256) and w.group == group and w.qweight.dtype == torch.int32
+    assert torch.equal(gemm_woq.awq_kunpack(w.qweight), gemm_woq.awq_unpack(q).t())
+    assert torch.equal(w.zeros, gemm_woq.awq_unpack(z).to(torch.uint8)) and torch.equal(w.scales, s)
+    assert torch.equal(gemm_woq.awq_kpacked_dequantize(w), gemm_woq.awq_dequantize(q, z, s).t())
+    # word j of row n holds q[8j + i, n] in nibble i
+    assert (w.qweight[3, 5].item() >> 8) & 0xF == gemm_woq.awq_unpack(q)[8 * 5 + 2, 3].item()
+
+
+def test_awq_kpack_rejects_bad_shapes():
+    q, z, s = awq_group_weights(256, 40, 128, "cpu")
+    with pytest.raises(ValueError, match="qzeros"):
+        gemm_woq.awq_kpack(q, z[:1], s)
+    with pytest.raises(ValueError, match="int32"):
+        gemm_woq.awq_kpack(q.float(), z, s)
+    with pytest.raises(ValueError, match="one row"):
+        gemm_woq.linear_awq_kpacked(torch.randn(2, 256, dtype=BF16), gemm_woq.awq_kpack(q, z, s),
+                                    config=gemm_woq.AwqGemvConfig())
+
+
+GEMV, MMA, DEQUANT = gemm_woq.AwqGemvConfig, gemm_woq.AwqMmaConfig, gemm_woq.AwqDequantConfig
+
+
+@pytest.mark.parametrize("M,N,K,group,dtype,config", [
+    (1, 40, 256, 128, BF16, None),  # the default GEMV: one 256-row block over 40 rows (wrapped loads)
+    (1, 40, 256, 128, BF16, GEMV(32, 4, split_k=2)),  # 4 loads per group, split-K
+    (1, 200, 384, 64, torch.float16, GEMV(64, 8, iter_groups=2, split_k=2)),  # 2 groups per step, a tail
+    (1, 56, 96, 32, BF16, None),
+    (1, 56, 96, 32, BF16, MMA(16, 4, split_k=2)),  # the tensor-core kernel at M = 1
+    (3, 72, 384, 128, BF16, None),  # swap-AB MMA, split-K to fill the (4 interpreter) SMs
+    (3, 72, 384, 128, BF16, MMA(32, 8, split_k=1)),
+    (16, 24, 128, 32, torch.float16, None),
+    (37, 56, 256, 64, BF16, None),  # block_m 64
+    (5, 48, 256, 128, torch.float16, DEQUANT(16)),
+    (130, 24, 128, 128, torch.float16, None),  # >= DEQUANT_MIN_M: dequantise + torch.matmul
+])
+def test_linear_awq_kpacked(M, N, K, group, dtype, config, device, check, poisoned):
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    q, z, s = awq_group_weights(K, N, group, device, dtype)
+    w = gemm_woq.awq_kpack(q, z, s)
+    out = gemm_woq.linear_awq_kpacked(x, w, out=poisoned((M, N), dtype, device), config=config)
+    check(out, gemm_woq.linear_awq_reference(x, q, z, s), 1e-2 if dtype == BF16 else 2e-3)

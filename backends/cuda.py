@@ -107,11 +107,38 @@ def _linear_w8a16(ctx: StepContext, x, wq, w_scale) -> Any:
 
 @lowering("quant.linear_awq")
 def _linear_awq(ctx: StepContext, x, qweight, qzeros, scales) -> Any:
+    from ..kernels import AwqKPacked, linear_awq, linear_awq_kpacked
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if isinstance(qweight, AwqKPacked):  # repacked at load (_awq_kpacked): qzeros and scales live in it
+        return linear_awq_kpacked(x, qweight)
     if not _half(x) or scales.dtype != x.dtype:
         return NotImplemented
-    from ..kernels import linear_awq
+    return linear_awq(x, qweight, qzeros, scales)
 
-    return linear_awq(x if x.stride(-1) == 1 else x.contiguous(), qweight, qzeros, scales)
+
+WEIGHT_FORMS: dict[str, Callable[..., list[Any] | None]] = {}
+"""op name -> `fn(op, *weights)`: the op's weight operands (all but the first) in the form its kernel
+streams best, made once at load; None keeps them as stored. The op's lowering then takes that form."""
+
+
+def weight_form(name: str) -> Callable[[Callable[..., list[Any] | None]], Callable[..., list[Any] | None]]:
+    """Register `fn(op, *weights) -> new weights or None` for op `name`."""
+    def register(fn: Callable[..., list[Any] | None]) -> Callable[..., list[Any] | None]:
+        WEIGHT_FORMS[name] = fn
+        return fn
+    return register
+
+
+@weight_form("quant.linear_awq")
+def _awq_kpacked(op: Any, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> list[Any] | None:
+    """AutoAWQ's words run along N; the kernels stream words along K (kernels/gemm_woq.py's K-packed form)."""
+    if op.operands[0].type.dtype.torch not in (torch.bfloat16, torch.float16) or scales.dtype != \
+            op.operands[0].type.dtype.torch:
+        return None  # the lowering declines these and the reference reads AutoAWQ's layout
+    from ..kernels import awq_kpack
+
+    return [awq_kpack(qweight, qzeros, scales), None, None]
 
 
 @lowering("llm.rms_norm")
@@ -331,6 +358,7 @@ class CudaExecutable:
             ref = _reference(op.opdef)
             self.program.append(_Instr(LOWERINGS.get(op.name, ref), ref, tuple(slots[id(v)] for v in op.operands),
                                        attrs, tuple(slots[id(r)] for r in op.results), free, op.name))
+        self._reform_weights(graph, slots)
         self.rope_tables = RopeTables()
         has_collectives = any(op.name == "dist.all_reduce" for op in graph.ops)
         self.all_reduce = AllReduce.for_job(device) if has_collectives else AllReduce(1)
@@ -339,6 +367,21 @@ class CudaExecutable:
         self._graph_pool = None
         self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0}
         self.released = False
+
+    def _reform_weights(self, graph: Graph, slots: dict[int, int]) -> None:
+        """Weights in their kernels' forms (WEIGHT_FORMS); the stored forms are let go."""
+        for op in graph.ops:
+            fn = WEIGHT_FORMS.get(op.name)
+            weights = op.operands[1:]
+            if fn is None or not weights or not all(v.is_param and v.name in self.params for v in weights):
+                continue
+            new = fn(op, *(self.params[v.name] for v in weights))
+            for v, t in zip(weights, new or ()):
+                self.template[slots[id(v)]] = t
+                if t is None:
+                    del self.params[v.name]
+                else:
+                    self.params[v.name] = t
 
     # -- running ----------------------------------------------------------------------------------
 

@@ -101,6 +101,10 @@ def test_quantized_graphs_agree_with_the_reference(quant, dtype, tol):
                        quant=quant if quant != "w4a16" else kiln.QuantConfig("w4a16", group_size=32))
     exe = cuda.compile(ref.graph, device=HERE, progress=False)
     assert ref.graph.op_counts().get("quant.quantize_rows", 0) == (8 if quant == "fp8-per-channel" else 0)
+    if quant == "w4a16":  # repacked at load into the form the kernels stream (kernels/gemm_woq.py)
+        from kiln.kernels import AwqKPacked
+
+        assert sum(isinstance(t, AwqKPacked) for t in exe.params.values()) == 8
     for prompt in prompts(3, longest=20, seed=2):
         want = step_logits(ref.graph, ref.executable(), prompt, HERE)
         got = step_logits(ref.graph, exe, prompt, HERE)

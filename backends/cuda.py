@@ -30,6 +30,7 @@ from ..ir.types import DType
 from ..passes.kv_cache import SERVING_INPUTS
 from . import StepInfo
 from .all_reduce import AllReduce
+from .transfer import copy_into, to_device
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 """Decode batch sizes captured as CUDA graphs (on first use); a batch pads to the next one."""
@@ -417,7 +418,7 @@ class CudaExecutable:
                 self.stats["graph_steps"] += 1
                 return [captured.replay(meta, step)]
         self.stats["eager_steps"] += 1
-        meta = [t.to(self.device, non_blocking=True) for t in meta]
+        meta = [to_device(t, self.device) for t in meta]
         return self.run_program([*meta, *caches], step)
 
     def release(self) -> None:
@@ -510,13 +511,13 @@ class _CapturedStep:
     def replay(self, meta: Sequence[torch.Tensor], step: StepInfo) -> torch.Tensor:
         n, t = step.num_seqs, step.num_tokens
         tokens, positions, slots, tables, lens, starts, rows = self.inputs
-        tokens[:t].copy_(meta[0], non_blocking=True)
-        positions[:t].copy_(meta[1], non_blocking=True)
-        slots[:t].copy_(meta[2], non_blocking=True)
+        copy_into(tokens[:t], meta[0])
+        copy_into(positions[:t], meta[1])
+        copy_into(slots[:t], meta[2])
         slots[t:].fill_(-1)
         width = min(meta[3].shape[1], tables.shape[1])  # columns past the context bucket are never read
-        tables[:n, :width].copy_(meta[3][:, :width], non_blocking=True)
-        lens[:n].copy_(meta[4], non_blocking=True)
+        copy_into(tables[:n, :width], meta[3][:, :width])
+        copy_into(lens[:n], meta[4])
         if self.shape.is_decode:
             lens[n:].fill_(1)
         else:  # one prompt of t tokens: its query range and its last token's logits row

@@ -383,7 +383,8 @@ class Ranks:
             if self._failure is None and not self._died.is_set():  # a dead peer can leave a kernel spinning: no sync
                 with contextlib.suppress(Exception):  # a device already broken: leave the group all the same
                     self.state.release_device()
-            _leave_group(self.backend)
+            # a failed job's error is raised now; its group is aborted behind it (that can take long)
+            _leave_group(self.backend, timeout_s=30.0 if self._failure is None else None)
         for c in [*self._status, *self._lifelines, *self._commands]:
             c.close()
         _LIVE.discard(self)
@@ -471,10 +472,11 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, device: st
             os._exit(1)
 
 
-def _leave_group(backend: str, timeout_s: float = 30.0) -> None:
+def _leave_group(backend: str, timeout_s: float | None = 30.0) -> None:
     """Leave the process group without waiting on peers. NCCL's communicators are aborted, once the
     workers have exited (destroying them is collective and hangs once a peer has gone; aborting them
-    while a peer still holds them was seen to hang both); gloo's group is destroyed."""
+    while a peer still holds them was seen to hang both); gloo's group is destroyed. timeout_s None:
+    NCCL's abort runs on in the background."""
     abort = getattr(torch_dist.distributed_c10d, "_abort_process_group", None)
 
     def leave() -> None:
@@ -488,6 +490,8 @@ def _leave_group(backend: str, timeout_s: float = 30.0) -> None:
         return leave()
     worker = threading.Thread(target=leave, name="kiln-leave-nccl", daemon=True)
     worker.start()
+    if timeout_s is None:
+        return
     worker.join(timeout_s)
     if worker.is_alive():
         import warnings

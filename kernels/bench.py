@@ -2,9 +2,11 @@
 
     python -m kiln.kernels.bench             # ceilings, then every kernel against torch/cuBLAS
     python -m kiln.kernels.bench --check     # correctness at real shapes, outputs poisoned with NaN
+    python -m kiln.kernels.bench --check kpacked       # the K-packed W4A16 paths alone
     python -m kiln.kernels.bench --only gemm,attn --sweep
     python -m kiln.kernels.bench --only decode-sweep   # swap-AB decode GEMM configs against the defaults
     python -m kiln.kernels.bench --only awq-sweep      # K-packed W4A16 configs (GEMV at M = 1, MMA, dequantise)
+    python -m kiln.kernels.bench --only awq-sweep --awq-m 1   # the M = 1 GEMVs alone
 
 Times are medians of triton.testing.do_bench (which clears L2 before each run); weights also rotate
 over enough copies to exceed L2. Each row gives the time, the achieved rate, the fraction of the
@@ -289,11 +291,13 @@ AWQ_SWEEP_LINEARS = [("8B", "qkv", 6144, 4096), ("8B", "o", 4096, 4096), ("8B", 
                      ("8B", "down", 4096, 14336), ("1B", "qkv", 3072, 2048), ("1B", "o", 2048, 2048),
                      ("1B", "gate/up", 16384, 2048), ("1B", "down", 2048, 8192)]
 GEMV, MMA, DEQUANT = gemm_woq.AwqGemvConfig, gemm_woq.AwqMmaConfig, gemm_woq.AwqDequantConfig
-# Rows per program and per thread (x reuse), warps, groups per step, and how far K is split.
-AWQ_GEMV_SWEEP = (GEMV(128), GEMV(512, num_warps=8), GEMV(512), GEMV(256, num_warps=8), GEMV(128, num_warps=2),
-                  GEMV(64, num_warps=1), GEMV(256, 8), GEMV(256, iter_groups=2), GEMV(256, programs_per_sm=1),
-                  GEMV(256, programs_per_sm=2), GEMV(256, programs_per_sm=6), GEMV(64, split_k=1),
-                  GEMV(128, split_k=1), MMA())
+# Rows per program (per thread: x reuse), warps, loop stages (groups in flight + 1; 1: plain loads), and how far
+# K is split (programs per SM). Before the pipelined loop, 512 rows, 64 rows on one warp, no K split and ~1 or ~6
+# programs per SM lost clearly (2026-11 H100 sweep); 2 to 3 per SM and 128 to 256 rows led.
+AWQ_GEMV_SWEEP = (GEMV(128), GEMV(256), GEMV(256, num_warps=8), GEMV(128, num_stages=1), GEMV(256, num_stages=1),
+                  GEMV(128, num_stages=2), GEMV(256, num_stages=2), GEMV(256, num_stages=4),
+                  GEMV(128, programs_per_sm=2), GEMV(256, programs_per_sm=2), GEMV(128, programs_per_sm=5),
+                  GEMV(256, programs_per_sm=5))
 # M > 1: tensor-core tiles, and from M = 32 the dequantise + cuBLAS path, which decides DEQUANT_MIN_M.
 AWQ_MMA_SWEEP = {8: (MMA(128, num_warps=8), MMA(64, 8, num_stages=4), MMA(programs_per_sm=4), MMA(split_k=1),
                      MMA(block_m=8)),
@@ -306,7 +310,7 @@ def awq_tag(cfg: gemm_woq.AwqKPackedConfig | None) -> str:
     def split(c):
         return f"split {c.split_k}" if c.split_k else f"~{c.programs_per_sm}/SM"
     if isinstance(cfg, GEMV):
-        return f"gemv {cfg.block_n}/{cfg.block_kw}w {cfg.num_warps}wp {cfg.iter_groups}g {split(cfg)}"
+        return f"gemv {cfg.block_n} {cfg.num_warps}wp {cfg.num_stages}st {split(cfg)}"
     if isinstance(cfg, MMA):
         return (f"mma {cfg.block_n}/{8 * cfg.block_kw}k/{cfg.block_m}m {cfg.num_warps}wp {cfg.num_stages}st "
                 f"{split(cfg)}")
@@ -343,12 +347,15 @@ def awq_sweep_lines(ceil: Ceilings, model: str, layer: str, M: int, N: int, K: i
     return lines
 
 
-def awq_sweep(ceil: Ceilings, linears: list = AWQ_SWEEP_LINEARS, device: str = "cuda") -> None:
-    """K-packed W4A16 configs per shape: M = 1 GEMVs, then tensor-core tiles and dequantise + cuBLAS at M > 1,
-    printed as measured (TB/s of packed weight bytes, % of copy)."""
-    print("# awq-sweep: gemv block_n/block_kw words, warps, groups per step, K split (auto: ~programs per SM); "
+def awq_sweep(ceil: Ceilings, linears: list = AWQ_SWEEP_LINEARS, device: str = "cuda",
+              ms: tuple[int, ...] = (1, *AWQ_MMA_SWEEP)) -> None:
+    """K-packed W4A16 configs per shape: M = 1 GEMVs, then tensor-core tiles and dequantise + cuBLAS at M > 1
+    (the rows of x in ms), printed as measured (TB/s of packed weight bytes, % of copy)."""
+    print("# awq-sweep: gemv block_n, warps, loop stages, K split (auto: ~programs per SM); "
           "mma block_n/block_k/block_m, warps, stages", flush=True)
     for M, configs in ((1, AWQ_GEMV_SWEEP), *AWQ_MMA_SWEEP.items()):
+        if M not in ms:
+            continue
         for model, layer, N, K in linears:
             for line in awq_sweep_lines(ceil, model, layer, M, N, K, configs, device):
                 print(line, flush=True)
@@ -491,11 +498,64 @@ SWAP_CHECKS = (gemm.DecodeConfig(64, 128, 1, swap_ab=True),
                gemm.DecodeConfig(128, 256, 3, num_stages=3, block_m=8, swap_ab=True))
 
 
-# K-packed W4A16 at the odd shape (9 groups), by M (1; 3 and 16; 200): K splits with a tail, 2 groups per
-# step, the tensor-core kernel at M = 1, two x tiles at M = 16, the MMA tiles at M = 200.
-KPACKED_CHECKS = {1: (GEMV(128, 8, split_k=3), GEMV(64, iter_groups=2, split_k=1), GEMV(256, 4, num_warps=8),
+# K-packed W4A16 at the odd shape (N 1000, 9 groups), by M (1; 3 and 16; 200). GEMV: the pipelined loop over 3
+# splits, plain loads in one split, 4 stages with a tail split (5 + 4 groups), one group per program (9 partials
+# summed by the last); the tensor-core kernel at M = 1; MMA split over K, two x tiles at M = 16, 64-row x tiles.
+KPACKED_CHECKS = {1: (GEMV(128, split_k=3), GEMV(64, num_warps=2, num_stages=1, split_k=1),
+                      GEMV(256, num_warps=8, num_stages=4, split_k=2), GEMV(128, num_stages=2, split_k=9),
                       MMA(split_k=2)),
                   3: (MMA(128, 8, num_warps=8, split_k=3), MMA(block_m=8), MMA(64, 16, block_m=64), DEQUANT())}
+
+
+def check_kpacked(results: list[tuple[str, float, float]]) -> None:
+    """K-packed W4A16 at the 8B shapes and an odd one (N 1000, 9 groups), by M, into NaN-poisoned outputs: the
+    default path of each, the KPACKED_CHECKS configs and f16 at the odd shape; then repeated split-K calls."""
+    for (model, layer, N, K), M in itertools.product(LINEARS[:4] + [("odd", "odd", 1000, 1152)], (1, 3, 16, 200)):
+        q = gemm_woq.awq_pack(torch.randint(0, 16, (K, N), device="cuda"))
+        z = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128, N), device="cuda"))
+        s = (torch.rand(K // 128, N, device="cuda") * 0.01 + 0.001).to(BF16)
+        x = torch.randn(M, K, device="cuda", dtype=BF16)
+        kp, ref = gemm_woq.awq_kpack(q, z, s), gemm_woq.linear_awq_reference(x, q, z, s)
+        for cfg in (None, *(KPACKED_CHECKS[min(M, 3)] if model == "odd" else ())):
+            out = gemm_woq.linear_awq_kpacked(x, kp, out=poisoned((M, N), BF16), config=cfg)
+            results.append((f"awq kpacked {awq_tag(cfg)} M{M} N{N} K{K}", rel_err(out, ref), 1e-2))
+        if model == "odd":  # f16 activations and scales
+            x16, s16 = x.half(), s.half()
+            out = gemm_woq.linear_awq_kpacked(x16, gemm_woq.awq_kpack(q, z, s16), out=poisoned((M, N), torch.float16))
+            results.append((f"awq kpacked f16 M{M} N{N} K{K}",
+                            rel_err(out, gemm_woq.linear_awq_reference(x16, q, z, s16)), 2e-3))
+    check_kpacked_split_calls(results)
+
+
+def check_kpacked_split_calls(results: list[tuple[str, float, float]]) -> None:
+    """Split-K K-packed launches called again and again, eagerly and replayed from a CUDA graph, each time on new x
+    into a NaN-poisoned output: the last program of a column block sums the splits and zeroes its counter, so every
+    later call finds the counters at zero."""
+    N, K = 1000, 1152
+    q = gemm_woq.awq_pack(torch.randint(0, 16, (K, N), device="cuda"))
+    z = gemm_woq.awq_pack(torch.randint(0, 16, (K // 128, N), device="cuda"))
+    s = (torch.rand(K // 128, N, device="cuda") * 0.01 + 0.001).to(BF16)
+    w = gemm_woq.awq_kpack(q, z, s)
+
+    def add(name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        results.append((name, rel_err(out, gemm_woq.linear_awq_reference(x, q, z, s)), 1e-2))
+    for M, cfg in ((1, GEMV(128, split_k=3)), (3, MMA(split_k=3))):
+        for i in range(3):
+            x = torch.randn(M, K, device="cuda", dtype=BF16)
+            add(f"awq kpacked {awq_tag(cfg)} M{M} call {i + 1}", x,
+                gemm_woq.linear_awq_kpacked(x, w, out=poisoned((M, N), BF16), config=cfg))
+        x, out = torch.randn(M, K, device="cuda", dtype=BF16), poisoned((M, N), BF16)
+        gemm_woq.linear_awq_kpacked(x, w, out=out, config=cfg)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gemm_woq.linear_awq_kpacked(x, w, out=out, config=cfg)
+        for i in range(3):
+            x.copy_(torch.randn(M, K, device="cuda", dtype=BF16))
+            out.fill_(float("nan"))
+            graph.replay()
+            add(f"awq kpacked {awq_tag(cfg)} M{M} graph replay {i + 1}", x, out)
+    torch.cuda.synchronize()
+    results.append(("awq kpacked split-K counters left at 0 (sum)", float(gemm_woq._TICKETS[x.device].sum()), 0.0))
 
 
 def check(results: list[tuple[str, float, float]]) -> None:
@@ -526,21 +586,13 @@ def check(results: list[tuple[str, float, float]]) -> None:
         add(f"awq M{M} N{N // 8 * 8} K{K // 128 * 128}",
             gemm_woq.linear_awq(xa, q, z, s, out=poisoned((M, N // 8 * 8), BF16)),
             gemm_woq.linear_awq_reference(xa, q, z, s), 1e-2)
-        kp, ref = gemm_woq.awq_kpack(q, z, s), gemm_woq.linear_awq_reference(xa, q, z, s)
-        for cfg in (None, *(KPACKED_CHECKS[min(M, 3)] if model == "odd" else ())):
-            add(f"awq kpacked {awq_tag(cfg)} M{M} N{N // 8 * 8} K{K // 128 * 128}",
-                gemm_woq.linear_awq_kpacked(xa, kp, out=poisoned((M, N // 8 * 8), BF16), config=cfg), ref, 1e-2)
-        if model == "odd":  # f16 activations and scales
-            x16, s16 = xa.half(), s.half()
-            kp16, ref16 = gemm_woq.awq_kpack(q, z, s16), gemm_woq.linear_awq_reference(x16, q, z, s16)
-            add(f"awq kpacked f16 M{M} N{N // 8 * 8} K{K // 128 * 128}",
-                gemm_woq.linear_awq_kpacked(x16, kp16, out=poisoned((M, N // 8 * 8), torch.float16)), ref16, 2e-3)
         wq8 = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
         ws8 = torch.rand(N, device="cuda") * 0.01
         for cfg in (None, *swaps):
             add(f"w8a16{' swap-AB ' + decode_tag(cfg) if cfg else ''} M{M} N{N} K{K}",
                 gemm_woq.linear_w8a16(x, wq8, ws8, out=poisoned((M, N), BF16), config=cfg),
                 gemm_woq.linear_w8a16_reference(x, wq8, ws8), 1e-2)
+    check_kpacked(results)
     for B, ctx, q_per_seq in ((1, 8192, 1), (8, 2048, 1), (64, 2048, 1), (3, 1000, 1), (2, 1500, 700), (1, 4096, 4096)):
         for kv_dtype in (BF16, gemm_fp8.FP8):
             p = make_pool(B, ctx, q_per_seq, kv_dtype=kv_dtype)
@@ -598,21 +650,25 @@ def check(results: list[tuple[str, float, float]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="GPU correctness at real shapes, then exit")
+    ap.add_argument("--check", nargs="?", const="all", choices=("all", "kpacked"),
+                    help="GPU correctness at real shapes, then exit (kpacked: the K-packed W4A16 paths alone)")
     ap.add_argument("--only", default="gemm,attn,small",
                     help="comma list of gemm, sweep, decode-sweep, awq-sweep, attn, small")
     ap.add_argument("--formats", default=",".join(DECODE_FORMATS),
                     help="weight formats timed by decode-sweep (comma list of bf16, fp8, w8a16)")
     ap.add_argument("--sweep", action="store_true", help="also time alternative attention configs")
+    ap.add_argument("--awq-m", default="1,8,16,32,64", help="rows of x that awq-sweep times (comma list)")
     args = ap.parse_args(argv)
     if unknown := set(args.formats.split(",")) - set(DECODE_FORMATS):
         ap.error(f"--formats: unknown {sorted(unknown)}; choose from {', '.join(DECODE_FORMATS)}")
+    if unknown := set(args.awq_m.split(",")) - {str(m) for m in (1, *AWQ_MMA_SWEEP)}:
+        ap.error(f"--awq-m: no configs for {sorted(unknown)}; choose from 1, {', '.join(map(str, AWQ_MMA_SWEEP))}")
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.check:
         results: list[tuple[str, float, float]] = []
         try:
-            check(results)
+            (check if args.check == "all" else check_kpacked)(results)
         except Exception:
             traceback.print_exc()
             results.append(("check raised", float("inf"), 0.0))
@@ -629,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"gemm": lambda: bench_gemm(ceil, rows),
                 "sweep": lambda: sweep(ceil, rows),
                 "decode-sweep": lambda: decode_sweep(ceil, args.formats.split(",")),
-                "awq-sweep": lambda: awq_sweep(ceil),
+                "awq-sweep": lambda: awq_sweep(ceil, ms=tuple(int(m) for m in args.awq_m.split(","))),
                 "attn": lambda: bench_attention(ceil, rows, args.sweep),
                 "small": lambda: bench_small_ops(ceil, rows)}
     for name in only:

@@ -306,13 +306,11 @@ def awq_kpacked_dequantize(w: AwqKPacked) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AwqGemvConfig:
-    """M == 1 on CUDA cores: block_n weight rows per program, loaded [block_n, block_kw] words at a time.
-    The default keeps 8 rows per thread (x is loaded once for them) at 96 registers (sm_90 ptxas)."""
+    """M == 1 on CUDA cores: block_n weight rows per program (a power of two), one group's words of each
+    ([block_n, group / 8]) per step, num_stages - 1 groups' loads in flight ahead of the arithmetic (1: none)."""
     block_n: int = 256
-    block_kw: int = 16  # words per row per load, a power of two; capped at the group's words (group / 8)
-    iter_groups: int = 1  # groups per loop iteration, unrolled
     num_warps: int = 4
-    num_stages: int = 1  # the loads feed no dot: Triton does not pipeline them (sm_90 PTX unchanged)
+    num_stages: int = 3
     split_k: int | None = None  # None: split K until about programs_per_sm programs per SM
     programs_per_sm: int = 3
 
@@ -367,48 +365,90 @@ def _unpack_x_pair(xp, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, N, KW, G, groups_per_split, ONE, SIXTEEN,
-                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_TILES: tl.constexpr,
-                         ITER_GROUPS: tl.constexpr, X_BF16: tl.constexpr):
-    # M == 1, x as int32 pairs. Per group, acc collects x_k f_k over [BLOCK_N, BLOCK_KW] word columns with
-    # f_k = 1 + q_k/16 (odd k) or 16 + q_k/16 (even k), X1 and X16 the sums of those x; so with S = sum(acc),
-    # sum_k x_k q_k = 16 (S - X1 - 16 X16) and the group adds s (sum_k x_k q_k - z (X1 + X16)). The inner
-    # loop is half a shift, one LOP3 and one FMA per weight.
+def _gemv_load_w(qw_ptr, s_ptr, z_ptr, rows, offs_w, N, g, KW: tl.constexpr, GROUP_KW: tl.constexpr):
+    # Group g's [BLOCK_N, GROUP_KW] weight words (read once: evicted first) and the rows' scales and zeros.
+    w = tl.load(qw_ptr + rows[:, None] * KW + (g * GROUP_KW + offs_w)[None, :], eviction_policy="evict_first")
+    return w, tl.load(s_ptr + g * N + rows), tl.load(z_ptr + g * N + rows)
+
+
+@triton.jit
+def _gemv_load_x(x_ptr, offs_w, g, GROUP_KW: tl.constexpr):
+    # x over group g as four int32 vectors along its words: pair p of each word's 8 values.
+    kw = g * GROUP_KW + offs_w
+    x_ptrs = x_ptr + kw * 4
+    return tl.load(x_ptrs), tl.load(x_ptrs + 1), tl.load(x_ptrs + 2), tl.load(x_ptrs + 3)
+
+
+@triton.jit
+def _gemv_fma(acc, w, x_odd, x_even, P: tl.constexpr, ONE, SIXTEEN):
+    odd, even = _mantissa_pair(w, P, ONE, SIXTEEN)
+    return acc + odd * x_odd[None, :] + even * x_even[None, :]
+
+
+@triton.jit
+def _gemv_group(w, x0, x1, x2, x3, s, z, ONE, SIXTEEN, X_BF16: tl.constexpr):
+    # sum_k x_k (q_k - z) s over one group, per row. acc collects x_k f_k over the [BLOCK_N, GROUP_KW] words with
+    # f_k = 1 + q_k/16 (odd k) or 16 + q_k/16 (even k), starting from minus those offsets' share (the first FMA
+    # takes it as its addend), so its row sums are sum_k x_k q_k / 16: half a shift, one LOP3 and one FMA
+    # per weight. (The row sums move to the scales' layout through shared memory once per group, and Triton
+    # loads a second copy of x for the sum of x: sm_90 TTGIR; neither is in the inner loop.)
+    e0, o0 = _unpack_x_pair(x0, X_BF16)
+    e1, o1 = _unpack_x_pair(x1, X_BF16)
+    e2, o2 = _unpack_x_pair(x2, X_BF16)
+    e3, o3 = _unpack_x_pair(x3, X_BF16)
+    x_odd = (o0 + o1) + (o2 + o3)
+    x_even = (e0 + e1) + (e2 + e3)
+    acc = tl.zeros(w.shape, dtype=tl.float32) - (x_odd + 16.0 * x_even)[None, :]
+    acc = _gemv_fma(acc, w, o0, e0, 0, ONE, SIXTEEN)
+    acc = _gemv_fma(acc, w, o1, e1, 1, ONE, SIXTEEN)
+    acc = _gemv_fma(acc, w, o2, e2, 2, ONE, SIXTEEN)
+    acc = _gemv_fma(acc, w, o3, e3, 3, ONE, SIXTEEN)
+    return s.to(tl.float32) * (16.0 * tl.sum(acc, 1) - z.to(tl.float32) * tl.sum(x_odd + x_even, 0))
+
+
+@triton.jit
+def _sum_splits_last(y, part_ptr, out_ptr, offs, mask, split_stride, ticket_ptr, SPLITS: tl.constexpr):
+    # Every program of a column block writes its f32 partial sums, then takes a ticket; the last to arrive adds
+    # the partials in split order (the same rounding whichever comes last), writes the output, and puts the
+    # counter back to 0 for the next call. No second launch; the counters live across calls (and graph replays).
+    tl.store(part_ptr + tl.program_id(1) * split_stride + offs, y, mask=mask)
+    tl.debug_barrier()  # all threads' partials are written before thread 0 takes the ticket (release, gpu scope)
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLITS - 1:
+        total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for k in tl.static_range(1, SPLITS):  # unrolled: all the partials' loads in flight at once
+            total += tl.load(part_ptr + k * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr, N, G, groups_per_split, ONE,
+                         SIXTEEN, KW: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_KW: tl.constexpr,
+                         STAGES: tl.constexpr, SPLITS: tl.constexpr, EVEN_N: tl.constexpr, X_BF16: tl.constexpr):
+    # M == 1, x read as int32 pairs; one program: BLOCK_N weight rows over the groups [g_lo, g_hi). KW is a
+    # compile-time constant so that the rows' loads share one address register (immediate offsets, sm_90 SASS).
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     g_lo = pid_k * groups_per_split
     g_hi = tl.minimum(G, g_lo + groups_per_split)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n % N  # wrapped: loads stay unmasked along N; the store mask drops the copies
-    offs_w = tl.arange(0, BLOCK_KW)
-    y = tl.sum(tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32), 1)  # zeros in the layout of the row sums
-    for g0 in range(g_lo, g_hi, ITER_GROUPS):
-        for gi in tl.static_range(ITER_GROUPS):  # a few groups' loads in flight at once
-            g = tl.minimum(g0 + gi, g_hi - 1)  # the tail repeats the last group, counted zero times
-            acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-            x1 = tl.zeros((BLOCK_KW,), dtype=tl.float32)
-            x16 = tl.zeros((BLOCK_KW,), dtype=tl.float32)
-            for t in tl.static_range(GROUP_TILES):
-                kw = (g * GROUP_TILES + t) * BLOCK_KW + offs_w
-                w = tl.load(qw_ptr + rows[:, None] * KW + kw[None, :])
-                for p in tl.static_range(4):
-                    odd, even = _mantissa_pair(w, p, ONE, SIXTEEN)
-                    x_even, x_odd = _unpack_x_pair(tl.load(x_ptr + kw * 4 + p), X_BF16)
-                    acc += odd * x_odd[None, :]
-                    acc += even * x_even[None, :]
-                    x1 += x_odd
-                    x16 += x_even
-            S = tl.sum(acc, 1)
-            X1 = tl.sum(x1, 0)
-            X16 = tl.sum(x16, 0)
-            s = tl.load(s_ptr + g * N + rows).to(tl.float32)
-            z = tl.load(z_ptr + g * N + rows).to(tl.float32)
-            part = s * (16.0 * (S - X1 - 16.0 * X16) - z * (X1 + X16))
-            y += tl.where(g0 + gi < g_hi, part, 0.0)
-    # One K split writes its f32 partial sums to its own row of y (a [splits, N] workspace). The store is
-    # shaped like the weight tile (column 0 only), which keeps y in the layout of the row sums: a 1-D store
-    # pulls y into its own layout and converts it, through shared memory, every group (sm_90 TTGIR).
-    ptrs = y_ptr + pid_k * N + offs_n[:, None] + offs_w[None, :] * 0
-    tl.store(ptrs, y[:, None].to(y_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_w[None, :] == 0))
+    if EVEN_N:
+        rows = offs_n
+    else:
+        rows = offs_n % N  # wrapped: loads stay unmasked along N; the store mask drops the copies
+    offs_w = tl.arange(0, GROUP_KW)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # num_stages on the loop itself: Triton then streams the groups' loads through shared memory (cp.async),
+    # STAGES - 1 groups ahead, although they feed no dot (the kernel-wide num_stages leaves them: sm_90 TTGIR).
+    for g in tl.range(g_lo, g_hi, num_stages=STAGES):
+        w, s, z = _gemv_load_w(qw_ptr, s_ptr, z_ptr, rows, offs_w, N, g, KW, GROUP_KW)
+        x0, x1, x2, x3 = _gemv_load_x(x_ptr, offs_w, g, GROUP_KW)
+        y += _gemv_group(w, x0, x1, x2, x3, s, z, ONE, SIXTEEN, X_BF16)
+    nmask = offs_n < N
+    if SPLITS == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        _sum_splits_last(y, part_ptr, y_ptr, offs_n, nmask, N, ticket_ptr + pid_n, SPLITS)
 
 
 # 16-bit float pairs 1 + q/16 for the tensor-core kernel, by x's dtype: (mask, exponent bits of 1.0) in
@@ -429,9 +469,10 @@ def _unpack_half_pairs(w, MASK, ONE, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, M, N, KW, G, stride_xm, groups_per_split, MASK, ONE,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                        GROUP_TILES: tl.constexpr, SHIFT: tl.constexpr, UPCAST: tl.constexpr):
+def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr, M, N, KW, G, stride_xm,
+                        groups_per_split, MASK, ONE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_KW: tl.constexpr, GROUP_TILES: tl.constexpr, SHIFT: tl.constexpr, SPLITS: tl.constexpr,
+                        UPCAST: tl.constexpr):
     # Swap-AB: the tile of 1 + q/16 [BLOCK_N, 8 BLOCK_KW] is the MMA's A, x^T (rows in the tile's k order)
     # its B. Scales and zeros wait for the group's sums, as in the GEMV: per group acc = sum_k (1 + q_k/16) x_k
     # and X = sum_k x_k (a second MMA with A = 1, which keeps the sum off the CUDA cores), so the group adds
@@ -461,19 +502,13 @@ def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, M, N, KW, G, stride_
         s = tl.load(s_ptr + g * N + rows).to(tl.float32)
         z = tl.load(z_ptr + g * N + rows).to(tl.float32)
         y += s[:, None] * (16.0 * (acc - X) - z[:, None] * X)
-    y_ptrs = y_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
-
-
-@triton.jit
-def _sum_splits_kernel(ws_ptr, y_ptr, L, SPLIT, BLOCK: tl.constexpr):
-    # y = the sum of the K splits' f32 partials (a [SPLIT, L] workspace), rounded once.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(ws_ptr + s * L + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    offs = offs_m[None, :] * N + offs_n[:, None]
+    mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    if SPLITS == 1:
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        _sum_splits_last(y, part_ptr, y_ptr, offs, mask, M * N, ticket_ptr + pid_m * tl.num_programs(0) + pid_n,
+                         SPLITS)
 
 
 @triton.jit
@@ -513,39 +548,54 @@ def _fill_split(programs: int, groups: int, per_sm: int) -> int:
 def awq_kpacked_config(M: int, N: int, K: int, group: int) -> AwqKPackedConfig:
     """The path and tiles for a shape: CUDA-core GEMV at M == 1, swap-AB tensor cores below DEQUANT_MIN_M,
     dequantise + cuBLAS above."""
-    if M == 1:
-        return AwqGemvConfig()
+    if M == 1 and group // 8 & (group // 8 - 1) == 0:  # the GEMV's tile is a group's words: a power of two
+        # 256 rows per program halve x's share of the work per weight (3.7 against 4.4 instructions, sm_90 SASS)
+        # where the programs still get a few groups each to stream (8B gate/up and down); 128 rows elsewhere.
+        wide = triton.cdiv(N, 256) * (K // group) >= 4 * AwqGemvConfig.programs_per_sm * num_sms()
+        return AwqGemvConfig(256 if wide else 128)
     if M < DEQUANT_MIN_M:
         return AwqMmaConfig(block_kw=min(16, group // 8), block_m=16 if M <= 16 else 32 if M <= 32 else 64)
     return AwqDequantConfig()
 
 
-def _sum_splits(ws: torch.Tensor, y: torch.Tensor) -> None:
-    L = y.numel()
-    _sum_splits_kernel[(triton.cdiv(L, 1024),)](ws, y, L, ws.shape[0], BLOCK=1024)
+# Split-K launches count their column blocks' arrivals here (_sum_splits_last): one zeroed int32 buffer per
+# device, made outside any CUDA-graph capture and left at zero by every launch, so graphs captured later may
+# use it. Launches on one stream run one after another; two streams running these kernels at once would share
+# the counters.
+TICKETS_PER_DEVICE = 1 << 16
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_buffers(x: torch.Tensor, split: int, size: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f32 partials [split, size], zeroed counters for blocks column blocks) for a split-K launch."""
+    partials = torch.empty((split, size), dtype=torch.float32, device=x.device)
+    tickets = _TICKETS.get(x.device)
+    if tickets is None or blocks > tickets.numel():
+        tickets = torch.zeros(max(blocks, TICKETS_PER_DEVICE), dtype=torch.int32, device=x.device)
+        # Inside a capture the zeroing is a node of the graph, replayed with it: this launch's own buffer.
+        if blocks <= TICKETS_PER_DEVICE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _TICKETS[x.device] = tickets
+    return partials, tickets
 
 
 def _launch_gemv(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqGemvConfig) -> None:
-    (N, K), wpg = w.shape, w.group // 8
+    (N, K), gkw = w.shape, w.group // 8
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"AwqGemvConfig runs one row of f16/bf16 x, got {x.dtype} x with {x.shape[0]} rows: "
                          f"use AwqMmaConfig")
-    block_kw = min(cfg.block_kw, wpg)
-    if wpg % block_kw or block_kw & (block_kw - 1):
-        raise ValueError(f"AwqGemvConfig.block_kw={cfg.block_kw} must be a power of two (capped at the {wpg} "
-                         f"words of a group of {w.group}) dividing the group's words")
+    if gkw & (gkw - 1) or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"AwqGemvConfig: block_n={cfg.block_n} and the group's words ({w.group} / 8) must be powers "
+                         f"of two: pick another block_n, or use AwqMmaConfig for this group size")
     groups, programs = K // w.group, triton.cdiv(N, cfg.block_n)
     per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
-    per_split = triton.cdiv(per_split, cfg.iter_groups) * cfg.iter_groups
     split = triton.cdiv(groups, per_split)
-    acc = y if split == 1 else torch.empty((split, N), dtype=torch.float32, device=x.device)
+    partials, tickets = _split_buffers(x, split, N, programs) if split > 1 else (y, y)
     x = x if x.data_ptr() % 4 == 0 else x.clone()  # read as int32 pairs
     _kpacked_gemv_kernel[(programs, split)](
-        x.view(torch.int32), w.qweight, w.zeros, w.scales, acc, N, K // 8, groups, per_split, F32_ONE, F32_SIXTEEN,
-        BLOCK_N=cfg.block_n, BLOCK_KW=block_kw, GROUP_TILES=wpg // block_kw, ITER_GROUPS=cfg.iter_groups,
-        X_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        _sum_splits(acc, y)
+        x.view(torch.int32), w.qweight, w.zeros, w.scales, y, partials, tickets, N, groups, per_split, F32_ONE,
+        F32_SIXTEEN, KW=K // 8, BLOCK_N=cfg.block_n, GROUP_KW=gkw, STAGES=cfg.num_stages, SPLITS=split,
+        EVEN_N=N % cfg.block_n == 0, X_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _launch_mma(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqMmaConfig) -> None:
@@ -560,15 +610,13 @@ def _launch_mma(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqMmaConf
     programs = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
     per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
     split = triton.cdiv(groups, per_split)
-    acc = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    partials, tickets = _split_buffers(x, split, M * N, programs) if split > 1 else (y, y)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     mask, one, shift = HALF_PAIRS[x.dtype]
-    _kpacked_mma_kernel[grid](x, w.qweight, w.zeros, w.scales, acc, M, N, K // 8, groups, x.stride(0), per_split,
-                              mask, one, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw,
-                              GROUP_TILES=w.group // block_k, SHIFT=shift, UPCAST=interpreting(),
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        _sum_splits(acc, y)
+    _kpacked_mma_kernel[grid](x, w.qweight, w.zeros, w.scales, y, partials, tickets, M, N, K // 8, groups,
+                              x.stride(0), per_split, mask, one, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                              BLOCK_KW=cfg.block_kw, GROUP_TILES=w.group // block_k, SHIFT=shift, SPLITS=split,
+                              UPCAST=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_dequant(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqDequantConfig) -> None:

@@ -101,6 +101,9 @@ def test_awq_kpack_rejects_bad_shapes():
         gemm_woq.awq_kpack(q, z[:1], s)
     with pytest.raises(ValueError, match="int32"):
         gemm_woq.awq_kpack(q.float(), z, s)
+    with pytest.raises(ValueError, match="powers of two"):
+        gemm_woq.linear_awq_kpacked(torch.randn(1, 256, dtype=BF16), gemm_woq.awq_kpack(q, z, s),
+                                    config=gemm_woq.AwqGemvConfig(96))
     with pytest.raises(ValueError, match="one row"):
         gemm_woq.linear_awq_kpacked(torch.randn(2, 256, dtype=BF16), gemm_woq.awq_kpack(q, z, s),
                                     config=gemm_woq.AwqGemvConfig())
@@ -110,9 +113,11 @@ GEMV, MMA, DEQUANT = gemm_woq.AwqGemvConfig, gemm_woq.AwqMmaConfig, gemm_woq.Awq
 
 
 @pytest.mark.parametrize("M,N,K,group,dtype,config", [
-    (1, 40, 256, 128, BF16, None),  # the default GEMV: one 256-row block over 40 rows (wrapped loads)
-    (1, 40, 256, 128, BF16, GEMV(32, 4, split_k=2)),  # 4 loads per group, split-K
-    (1, 200, 384, 64, torch.float16, GEMV(64, 8, iter_groups=2, split_k=2)),  # 2 groups per step, a tail
+    (1, 40, 256, 128, BF16, None),  # the default GEMV: one block over 40 rows (wrapped loads), split over the 4 SMs
+    (1, 40, 256, 128, BF16, GEMV(32, num_stages=1, split_k=2)),  # plain loads, split-K
+    (1, 200, 384, 64, torch.float16, GEMV(64, split_k=2)),  # pipelined, N % block_n != 0, 3 groups per split
+    (1, 64, 640, 128, BF16, GEMV(32, num_stages=4, split_k=1)),  # one split: 5 groups, stored directly
+    (1, 64, 1152, 128, BF16, GEMV(32, num_stages=2, split_k=2)),  # 9 groups: splits of 5 and 4
     (1, 56, 96, 32, BF16, None),
     (1, 56, 96, 32, BF16, MMA(16, 4, split_k=2)),  # the tensor-core kernel at M = 1
     (3, 72, 384, 128, BF16, None),  # swap-AB MMA, split-K to fill the (4 interpreter) SMs
@@ -128,3 +133,28 @@ def test_linear_awq_kpacked(M, N, K, group, dtype, config, device, check, poison
     w = gemm_woq.awq_kpack(q, z, s)
     out = gemm_woq.linear_awq_kpacked(x, w, out=poisoned((M, N), dtype, device), config=config)
     check(out, gemm_woq.linear_awq_reference(x, q, z, s), 1e-2 if dtype == BF16 else 2e-3)
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_awq_kpacked_gemv_sums_at_f32_precision(stages, device, check):
+    # The GEMV's offsets (1 + q/16, 16 + q/16) cancel inside its f32 sums: into an f32 output the result matches
+    # the f64 product of x and the dequantised weight to f32 rounding, split K included.
+    K, N = 2048, 48
+    x = torch.randn(1, K, dtype=BF16, device=device)
+    q, z, s = awq_group_weights(K, N, 128, device)
+    y = torch.full((1, N), float("nan"), device=device)
+    gemm_woq._launch_gemv(x, gemm_woq.awq_kpack(q, z, s), y, GEMV(32, num_stages=stages, split_k=4))
+    check(y, x.double() @ gemm_woq.awq_dequantize(q, z, s).double(), 1e-6)
+
+
+def test_awq_kpacked_split_k_counters_reset(device, check, poisoned):
+    # The last program of each column block sums the K splits and puts its counter back to 0: calls that share the
+    # counters (GEMV and MMA, other shapes) keep finding them at zero, and the outputs stay right.
+    q, z, s = awq_group_weights(384, 72, 64, device)
+    w = gemm_woq.awq_kpack(q, z, s)
+    for M, config in [(1, GEMV(32, split_k=3)), (3, MMA(16, 4, split_k=2)), (1, GEMV(64, num_stages=1, split_k=6)),
+                      (1, GEMV(32, split_k=3))]:
+        x = torch.randn(M, 384, dtype=BF16, device=device)
+        out = gemm_woq.linear_awq_kpacked(x, w, out=poisoned((M, 72), BF16, device), config=config)
+        check(out, gemm_woq.linear_awq_reference(x, q, z, s), 1e-2)
+        assert not gemm_woq._TICKETS[x.device].any()

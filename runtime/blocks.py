@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """The chained hash of every full block of `token_ids`."""
-    hashes, prev = [], 0
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:
+    """The chained hash of every full block of `token_ids`; `parent`: the hash of the block before
+    them (continues a chain, so that a growing sequence hashes each block once)."""
+    hashes, prev = [], parent
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         prev = hash((prev, tuple(token_ids[start:start + block_size])))
         hashes.append(prev)

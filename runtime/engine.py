@@ -8,6 +8,7 @@ made: metadata, one K and one V cache per layer), so any backend's executable pl
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..backends import StepInfo
+from ..backends.transfer import to_device
 from ..ir.graph import Graph
 from ..passes.kv_cache import SERVING_INPUTS
 from .blocks import BlockPool
@@ -24,10 +26,10 @@ from .config import BuildConfig, KvCacheConfig, available_host_memory
 from .detokenizer import IncrementalDetokenizer, StopChecker
 from .sampling import (
     SamplingParams,
+    device_sampling_from,
     request_generator,
     sample,
     sample_on_device,
-    samples_on_device,
 )
 from .scheduler import Scheduled, Scheduler, Sequence, Status
 
@@ -60,7 +62,7 @@ class CompletionOutput:
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]          # the request's own list, in each of its outputs (as vLLM's): read only
     outputs: list[CompletionOutput]
     finished: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None  # per prompt token; None for the first
@@ -80,16 +82,18 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
+        return None not in [o.finish_reason for o in self.outputs]  # 3x faster than all(o.finished ...): asked per step
 
-    def snapshot(self) -> RequestOutput:
+    def snapshot(self, finished: bool | None = None) -> RequestOutput:
+        """A copy of where the request stands; `finished` if the caller knows it already."""
         outs = [CompletionOutput(o.index, o.text, list(o.token_ids), o.cumulative_logprob,
                                  list(o.logprobs) if o.logprobs is not None else None, o.finish_reason, o.stop_reason)
                 for o in self.outputs]
         prompt_logprobs = None
         if self.params.prompt_logprobs is not None:
             prompt_logprobs = [None] + [self.prompt_logprobs.get(p) for p in range(1, len(self.prompt_ids))]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, prompt_logprobs)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs,
+                             self.finished if finished is None else finished, prompt_logprobs)
 
 
 @dataclass
@@ -113,6 +117,8 @@ class _Pending:
 
 
 WAIT_POLL_S = 50e-6
+FAILURE_GRACE_S = 5.0
+"""How long a device error in a wait gives the health check to name a failed rank before it is raised."""
 
 
 def wait_for(event: Any, check: Callable[[], None] | None = None) -> None:
@@ -121,7 +127,16 @@ def wait_for(event: Any, check: Callable[[], None] | None = None) -> None:
     if check is None:
         event.synchronize()
         return
-    while not event.query():
+    while True:
+        try:
+            if event.query():
+                return
+        except Exception:  # the device failed under the step (a dead peer's memory read by a collective):
+            deadline = time.monotonic() + FAILURE_GRACE_S  # let `check` name the failure if it is one
+            while time.monotonic() < deadline:
+                check()
+                time.sleep(1e-3)
+            raise
         check()
         time.sleep(WAIT_POLL_S)
 
@@ -132,7 +147,7 @@ PLACEHOLDER = -1
 
 @dataclass
 class _SeqState:
-    """What the engine keeps per sequence besides its tokens."""
+    """What the engine keeps per sequence besides its tokens, and what it decides about it once."""
 
     request: Request
     output: CompletionOutput
@@ -140,6 +155,9 @@ class _SeqState:
     detokenizer: IncrementalDetokenizer | None
     stop: StopChecker | None
     eos: set[int]
+    finish_ids: set[int]       # eos and stop_token_ids: a sampled one ends the sequence
+    max_outputs: int           # it ends by length with this many outputs (max_tokens, or the longest sequence)
+    device_from: float         # from this many outputs its tokens are sampled on the device (inf: never)
 
 
 class Engine:
@@ -227,6 +245,7 @@ class Engine:
             raise RequestError("beam-search requests are run by LLM.generate / generate_async, not queued on the "
                                "engine's batch")
         request = Request(request_id, prompt, prompt_ids, params, on_update=on_update, stream=stream)
+        max_outputs = min(params.max_tokens, min(self.max_seq_len, self.capacity) - len(prompt_ids))
         for i in range(params.n):
             seq = Sequence(list(prompt_ids), request=request)
             out = CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
@@ -237,7 +256,11 @@ class Engine:
             stops = params.stop if isinstance(params.stop, list) else [params.stop] if params.stop else []
             checker = StopChecker(stops, params.include_stop_str_in_output) if stops and detok is not None else None
             eos = set() if params.ignore_eos else {params.end_id} if params.end_id is not None else set(self.eos_token_ids)
-            self._state[seq.seq_id] = _SeqState(request, out, request_generator(gen_params), detok, checker, eos)
+            generator = request_generator(gen_params)
+            device_from = device_sampling_from(params, generator)
+            self._state[seq.seq_id] = _SeqState(request, out, generator, detok, checker, eos,
+                                                eos | set(params.stop_token_ids or ()), max_outputs,
+                                                math.inf if device_from is None else device_from)
             request.seqs.append(seq)
             request.outputs.append(out)
             self.scheduler.add(seq)
@@ -269,13 +292,19 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; the outputs of requests that changed (with overlap, those of the step before)."""
+        return self._report(self._advance())
+
+    def _advance(self) -> dict[str, Request]:
+        """Schedule and launch a step, and take in the tokens that are ready: the requests they changed.
+        (Apart from `_report`, so that the step's own objects are freed before it makes an output per
+        request: fewer live objects, fewer garbage-collector passes over them.)"""
         batch = self.scheduler.schedule()
         pending, self._pending = self._pending, None
         if not batch and pending is None:
             if self.scheduler.waiting:
                 raise RuntimeError("no sequence can be scheduled: the KV pool is too small for the waiting "
                                    "request")
-            return []
+            return {}
         try:
             launched = self._run(batch, pending) if batch else None
         except BaseException:
@@ -283,50 +312,62 @@ class Engine:
             raise
         touched: dict[str, Request] = {}
         if pending is not None:  # the GPU is busy with `batch` while the host takes these in
+            state = self._state
             for seq, token in zip(pending.seqs, pending.resolve(self._health)):
-                st = self._state.get(seq.seq_id)
+                st = state.get(seq.seq_id)
                 if st is not None and seq.output_ids and seq.output_ids[-1] == PLACEHOLDER:
                     seq.output_ids.pop()
                     self._append(seq, st, token, 0.0, None)
                     touched[st.request.request_id] = st.request
         if launched is not None:
             self._take_step(batch, *launched, touched)
+        return touched
+
+    def _report(self, touched: dict[str, Request]) -> list[RequestOutput]:
+        """The outputs of the changed requests (of those not streamed, only once finished), also handed to
+        their callbacks; finished requests are let go."""
         outputs = []
         for request in touched.values():
-            if not request.stream and not request.finished:
+            finished = request.finished
+            if not request.stream and not finished:
                 continue
-            snap = request.snapshot()
+            snap = request.snapshot(finished)
             outputs.append(snap)
             if request.on_update:
                 request.on_update(snap)
-            if request.finished:
+            if finished:
                 self.requests.pop(request.request_id, None)
         return outputs
 
-    def _take_step(self, batch: list[Scheduled], logits: torch.Tensor, sample_rows: list[tuple[int, Sequence]],
-                   prompt_rows: list[tuple[int, Sequence, int]], touched: dict[str, Request]) -> None:
+    def _take_step(self, batch: list[Scheduled], logits: torch.Tensor, sample_rows: list[int],
+                   sample_seqs: list[Sequence], prompt_rows: list[tuple[int, Sequence, int]],
+                   touched: dict[str, Request]) -> None:
         """Advance the scheduler past a launched step and sample its rows (or leave them pending)."""
         self.scheduler.advance(batch)
         self.steps += 1
         # a sequence that finished on the previous step's token computed one more: dropped here
-        live = [(row, seq) for row, seq in sample_rows if seq.seq_id in self._state and seq.status is not Status.FINISHED]
+        rows, ready, states = [], [], []
+        for row, seq in zip(sample_rows, sample_seqs):
+            st = self._state.get(seq.seq_id)
+            if st is not None and seq.status is not Status.FINISHED:
+                rows.append(row)
+                ready.append(seq)
+                states.append(st)
         prompt_rows = [r for r in prompt_rows if r[1].seq_id in self._state]
         if prompt_rows:
             self._await(logits)
             self._prompt_logprobs(logits, prompt_rows, touched)
-        if not live:
+        if not ready:
             return
-        rows, ready = [r for r, _ in live], [seq for _, seq in live]
-        states = [self._state[seq.seq_id] for seq in ready]
         params = [st.request.params for st in states]
-        if self.overlap and not prompt_rows and all(samples_on_device(p, seq.output_ids, st.generator)
-                                                    for p, seq, st in zip(params, ready, states)):
-            self._pending = self._launch_sampling(logits, rows, ready, params)
+        if self.overlap and not prompt_rows and all(len(seq.output_ids) >= st.device_from
+                                                    for seq, st in zip(ready, states)):
+            self._pending = self._launch_sampling(logits, rows, ready, states, params)
             return
         self._await(logits)
         sampled = sample(logits[rows], params, [seq.prompt_ids for seq in ready],
                          [seq.output_ids for seq in ready], [st.generator for st in states],
-                         eos_ids=[st.eos | set(st.request.params.stop_token_ids or []) for st in states])
+                         eos_ids=[st.finish_ids for st in states])
         for i, (seq, st) in enumerate(zip(ready, states)):
             self._append(seq, st, sampled.token_ids[i], sampled.logprobs[i], sampled.top_logprobs[i])
             touched[st.request.request_id] = st.request
@@ -339,10 +380,10 @@ class Engine:
             event.record()
             wait_for(event, self._health)
 
-    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence],
+    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence], states: list[_SeqState],
                          params: list[SamplingParams]) -> _Pending:
         """Enqueue the sampling of `rows` and its copy to the host; the sequences hold a placeholder."""
-        index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        index = to_device(torch.tensor(rows, dtype=torch.int64), logits.device)
         tokens = sample_on_device(logits.index_select(0, index), params)
         if logits.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -351,10 +392,9 @@ class Engine:
             event.record()
         else:
             host, event = tokens, None
-        for seq in ready:
+        for seq, st in zip(ready, states):
             seq.output_ids.append(PLACEHOLDER)
-            st = self._state[seq.seq_id]
-            if len(seq.output_ids) >= st.request.params.max_tokens or len(seq) >= min(self.max_seq_len, self.capacity):
+            if len(seq.output_ids) >= st.max_outputs:
                 self.scheduler.finish(seq)  # this token is its last: schedule nothing more for it
         return _Pending(ready, tokens, host, event)
 
@@ -366,9 +406,8 @@ class Engine:
             out.cumulative_logprob += logprob
         if out.logprobs is not None:
             out.logprobs.append({**(top or {}), token: logprob})
-        n = len(seq.output_ids)
         reason = None
-        if token in st.eos or token in (params.stop_token_ids or ()):  # the sampler held them back until min_tokens
+        if token in st.finish_ids:  # the sampler held them back until min_tokens
             reason, out.stop_reason = "stop", None if token in st.eos else token
         if st.detokenizer is not None and (reason is None or params.include_stop_str_in_output):
             st.detokenizer.add(token)
@@ -378,7 +417,7 @@ class Engine:
                 out.text = out.text[: st.stop.sent] if cut is None else cut[0]
                 if cut is not None:
                     reason, out.stop_reason = "stop", cut[1]
-        if reason is None and (n >= params.max_tokens or len(seq) >= min(self.max_seq_len, self.capacity)):
+        if reason is None and len(seq.output_ids) >= st.max_outputs:
             reason = "length"
         if reason is not None and st.detokenizer is not None and not isinstance(out.stop_reason, str):
             st.detokenizer.flush()          # ended without a stop string: a split character and held-back
@@ -401,62 +440,77 @@ class Engine:
             touched[request.request_id] = request
 
     def _run(self, batch: list[Scheduled], pending: _Pending | None = None
-             ) -> tuple[torch.Tensor, list[tuple[int, Sequence]], list[tuple[int, Sequence, int]]]:
-        """Launch one step; the logits, (row, sequence) to sample from, and (row, sequence, position) of
-        prompt rows whose logprobs were asked for. Tokens still pending on the device are gathered there."""
-        bs = self.pool.block_size
-        tokens, positions, slots, starts, lens, rows, tables = [], [], [], [0], [], [], []
-        sample_rows, prompt_rows = [], []
+             ) -> tuple[torch.Tensor, list[int], list[Sequence], list[tuple[int, Sequence, int]]]:
+        """Launch one step; the logits, the rows to sample from and their sequences, and (row, sequence,
+        position) of prompt rows whose logprobs were asked for. Tokens still pending on the device are
+        gathered there. Per-token metadata is computed in numpy from per-sequence scalars."""
+        tokens, starts, counts, tables = [], [], [], []
+        rows, sample_rows, sample_seqs, prompt_rows = [], [], [], []
         pending_rows = pending.row_of() if pending is not None else {}
-        gather: list[tuple[int, int]] = []  # (position in this step's tokens, row of pending.tokens)
+        gather_at, gather_from = [], []  # positions in this step's tokens, rows of pending.tokens
         for s in batch:
-            ids = s.seq.token_ids[s.start: s.start + s.num_tokens]
-            if ids[-1] == PLACEHOLDER and s.seq.seq_id in pending_rows:
-                gather.append((len(tokens) + len(ids) - 1, pending_rows[s.seq.seq_id]))
+            seq, start, count = s.seq, s.start, s.num_tokens
+            ids = seq.tokens(start, start + count)
+            if ids[-1] == PLACEHOLDER and seq.seq_id in pending_rows:
+                gather_at.append(len(tokens) + count - 1)
+                gather_from.append(pending_rows[seq.seq_id])
+            first = len(tokens)
             tokens += ids
-            positions += range(s.start, s.start + s.num_tokens)
-            slots += [s.seq.blocks[p // bs] * bs + p % bs for p in range(s.start, s.start + s.num_tokens)]
-            starts.append(starts[-1] + s.num_tokens)
-            lens.append(s.start + s.num_tokens)
-            tables.append(s.seq.blocks)
-            st = self._state.get(s.seq.seq_id)
-            if st is not None and st.request.params.prompt_logprobs is not None and st.output.index == 0:
-                for p in range(s.start, min(s.start + s.num_tokens, len(s.seq.prompt_ids) - 1)):
-                    prompt_rows.append((len(rows), s.seq, p))
-                    rows.append(starts[-2] + p - s.start)
+            starts.append(start)
+            counts.append(count)
+            tables.append(seq.blocks)
+            if start < len(seq.prompt_ids) - 1:  # prompt tokens whose logprobs may be asked for
+                st = self._state.get(seq.seq_id)
+                if st is not None and st.request.params.prompt_logprobs is not None and st.output.index == 0:
+                    for p in range(start, min(start + count, len(seq.prompt_ids) - 1)):
+                        prompt_rows.append((len(rows), seq, p))
+                        rows.append(first + p - start)
             if s.produces_logits:
-                sample_rows.append((len(rows), s.seq))
-                rows.append(starts[-1] - 1)
+                sample_rows.append(len(rows))
+                sample_seqs.append(seq)
+                rows.append(len(tokens) - 1)
         host = getattr(self.executable, "host_inputs", False)  # it moves them itself, knowing the step's shape
         device = "cpu" if host else self.device
-        i32 = dict(dtype=torch.int32, device=device)
-        token_input = torch.tensor(tokens, **i32)
-        if gather:
-            token_input = _gather_tokens(token_input, gather, pending.tokens)
-        inputs = [token_input, torch.tensor(positions, **i32),
-                  torch.tensor(slots, dtype=torch.int64, device=device),
-                  _block_table(tables).to(device), torch.tensor(lens, **i32),
-                  torch.tensor(starts, **i32), torch.tensor(rows, dtype=torch.int64, device=device)]
+        start_of = np.array(starts, dtype=np.int64)
+        count_of = np.array(counts, dtype=np.int64)
+        query_start = np.zeros(len(batch) + 1, dtype=np.int64)
+        np.cumsum(count_of, out=query_start[1:])
+        lens = start_of + count_of
+        seq_of_token = np.repeat(np.arange(len(batch)), count_of)
+        positions = np.arange(len(tokens)) - np.repeat(query_start[:-1] - start_of, count_of)
+        table = _block_table(tables)
+        bs = self.pool.block_size
+        slots = table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+
+        def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=device, dtype=dtype)
+
+        token_input = tensor(np.array(tokens, dtype=np.int32), torch.int32)
+        if gather_at:
+            token_input = _gather_tokens(token_input, gather_at, gather_from, pending.tokens)
+        inputs = [token_input, tensor(positions, torch.int32), tensor(slots, torch.int64), tensor(table, torch.int32),
+                  tensor(lens, torch.int32), tensor(query_start, torch.int32),
+                  tensor(np.array(rows, dtype=np.int64), torch.int64)]
         if host:
-            step = StepInfo(len(batch), len(tokens), max(s.num_tokens for s in batch), max(lens))
-            return self.executable(*inputs, *self.caches, step=step)[0], sample_rows, prompt_rows
-        return self.executable(*inputs, *self.caches)[0], sample_rows, prompt_rows
+            step = StepInfo(len(batch), len(tokens), int(count_of.max()), int(lens.max()))
+            return self.executable(*inputs, *self.caches, step=step)[0], sample_rows, sample_seqs, prompt_rows
+        return self.executable(*inputs, *self.caches)[0], sample_rows, sample_seqs, prompt_rows
 
 
-def _block_table(tables: list[list[int]]) -> torch.Tensor:
+def _block_table(tables: list[list[int]]) -> np.ndarray:
     """The sequences' block lists as one int32 table, zero-padded (built in numpy: a nested-list tensor
     costs a few ms a step at 512 sequences)."""
     lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
     table = np.zeros((len(tables), int(lengths.max())), dtype=np.int32)
     table[np.arange(table.shape[1]) < lengths[:, None]] = np.fromiter(
         itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
-    return torch.from_numpy(table)
+    return table
 
 
-def _gather_tokens(tokens: torch.Tensor, gather: list[tuple[int, int]], pending: torch.Tensor) -> torch.Tensor:
-    """`tokens` with the listed positions taken from `pending` (where it lives: no wait on the device)."""
-    index = torch.tensor(gather, dtype=torch.int64).t().contiguous().to(pending.device, non_blocking=True)
-    tokens = tokens.to(pending.device, non_blocking=True)
+def _gather_tokens(tokens: torch.Tensor, at: list[int], rows: list[int], pending: torch.Tensor) -> torch.Tensor:
+    """`tokens` with positions `at` taken from `pending`'s `rows` (where it lives: no wait on the device)."""
+    index = to_device(torch.tensor([at, rows], dtype=torch.int64), pending.device)
+    tokens = to_device(tokens, pending.device)
     tokens[index[0]] = pending.index_select(0, index[1]).to(tokens.dtype)
     return tokens
 

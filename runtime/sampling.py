@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.transfer import to_device
+
 
 def _fail(field: str, value: object, allowed: str) -> ValueError:
     return ValueError(f"SamplingParams.{field}={value!r} is invalid: {allowed}")
@@ -189,7 +191,7 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
 def _on(device: torch.device, values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
     """A small host list on `device` without waiting for the device (a blocking copy would wait for
     the step in flight)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -286,8 +288,17 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: S
 def samples_on_device(p: SamplingParams, output_ids: Sequence[int], generator: torch.Generator | None) -> bool:
     """Whether a row's token needs nothing from the host: no logprobs to report (the chosen one is left
     0), no penalties, min_tokens reached, and greedy or drawn from torch's default generator."""
-    return (p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
-            and not p.presence_penalty and len(output_ids) >= p.min_tokens and (p.greedy or generator is None))
+    start = device_sampling_from(p, generator)
+    return start is not None and len(output_ids) >= start
+
+
+def device_sampling_from(p: SamplingParams, generator: torch.Generator | None) -> int | None:
+    """From how many outputs on a request's rows `samples_on_device` (None: never); fixed for the
+    request's life, so an engine asks once."""
+    if (p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+            and (p.greedy or generator is None)):
+        return p.min_tokens
+    return None
 
 
 def sample_on_device(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -39,12 +39,22 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0                # tokens whose K/V are in the cache
     num_named: int = 0                   # full blocks recorded in the pool's prefix index
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its first full blocks (tokens never change)
     status: Status = Status.WAITING
     preemptions: int = 0
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building token_ids (a step reads one token of each sequence)."""
+        prompt = len(self.prompt_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt: end - prompt]
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - prompt]
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -99,19 +109,22 @@ class Scheduler:
     def schedule(self) -> list[Scheduled]:
         batch: list[Scheduled] = []
         budget = self.max_num_tokens
+        block_size = self.pool.block_size
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:      # preempted while making room for an older one
                 continue
             if len(batch) == self.max_batch_size or budget == 0:
                 break
-            n = min(len(seq) - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            start = seq.num_computed
+            n = min(len(seq.prompt_ids) + len(seq.output_ids) - start, budget)
+            if len(seq.blocks) * block_size < start + n and not self._grow(seq, start + n):
                 continue                              # it preempted itself
-            batch.append(Scheduled(seq, seq.num_computed, n))
+            batch.append(Scheduled(seq, start, n))
             budget -= n
         while self.waiting and len(batch) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
-            hits = self.pool.lookup(block_hashes(seq.token_ids[:-1], self.pool.block_size))
+            full = (len(seq) - 1) // self.pool.block_size  # the last token is always computed
+            hits = self.pool.lookup(self._hashes(seq, full)[:full])
             start = len(hits) * self.pool.block_size
             n = min(len(seq) - start, budget)
             need = -(-(start + n) // self.pool.block_size) - len(hits)
@@ -162,7 +175,16 @@ class Scheduler:
             seq.num_computed = s.start + s.num_tokens
             full = seq.num_computed // self.pool.block_size
             if full > seq.num_named:
-                hashes = block_hashes(seq.token_ids[: full * self.pool.block_size], self.pool.block_size)
+                hashes = self._hashes(seq, full)
                 for i in range(seq.num_named, full):
                     self.pool.name(seq.blocks[i], hashes[i])
                 seq.num_named = full
+
+    def _hashes(self, seq: Sequence, full: int) -> list[int]:
+        """`seq.hashes`, extended to cover at least its first `full` blocks. Their tokens are final: a
+        token still on the device (the engine's placeholder) is a sequence's last, which a lookup
+        leaves out, and the engine reads it before `advance` counts it computed."""
+        known, size = seq.hashes, self.pool.block_size
+        if len(known) < full:
+            known += block_hashes(seq.tokens(len(known) * size, full * size), size, known[-1] if known else 0)
+        return known

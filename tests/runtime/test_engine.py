@@ -173,7 +173,7 @@ def test_a_step_that_fails_to_launch_keeps_the_pending_tokens(smol):
     assert runs[0] == runs[1] and len(runs[0]) == 2
 
 
-def test_wait_for_polls_the_health_check_until_the_device_is_done():
+def test_wait_for_polls_the_health_check_until_the_device_is_done(monkeypatch):
     """The wait that tensor parallelism relies on when a peer dies (no CUDA here: an event that
     stands in for one, done after a few queries or never)."""
     from kiln.runtime.engine import wait_for
@@ -197,6 +197,17 @@ def test_wait_for_polls_the_health_check_until_the_device_is_done():
 
     with pytest.raises(RuntimeError, match="rank 1 of 2 failed"):
         wait_for(Event(10**9), dead)
+
+    class Faulted(Event):  # the device fails under the step (a dead peer's memory read in a collective)
+        def query(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    checks.clear()  # the health check names the failure once its watchdog has seen it
+    monkeypatch.setattr("kiln.runtime.engine.FAILURE_GRACE_S", 0.2)
+    with pytest.raises(RuntimeError, match="rank 1 of 2 failed"):
+        wait_for(Faulted(0), dead)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # not a rank's failure: the device's error
+        wait_for(Faulted(0), lambda: None)
 
 
 def test_aborting_a_request_whose_last_token_is_pending_finishes_it(smol):

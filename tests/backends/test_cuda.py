@@ -325,7 +325,6 @@ def test_tensor_parallel_on_two_gpus_gives_one_ranks_tokens(route, monkeypatch):
 
 
 @TWO_GPUS
-@pytest.mark.skip(reason="hangs on 2x H200 (2026-11-22): rank 0 blocks before it polls; docs/tensor_parallel.md")
 def test_a_killed_rank_ends_the_gpu_job_with_an_error():
     """A worker killed while NCCL ranks replay graphs that hold collectives: rank 0 raises `RankError`
     naming it (it polls the ranks' health while it waits on the device) instead of waiting forever."""

@@ -28,7 +28,8 @@ Prompt = str | Sequence[int]
 
 class RequestFuture:
     """A request in flight: `.result(timeout)`, `await future` / `.aresult()`, and with
-    streaming, `async for output in future` (each output is cumulative; `finished` on the last)."""
+    streaming, `async for output in future` (each output is cumulative; `finished` on the last; a
+    reader that starts late gets the latest output first, not every earlier one)."""
 
     def __init__(self, llm: "LLM", request_id: str, streaming: bool):
         self._llm, self.request_id, self.streaming = llm, request_id, streaming
@@ -36,14 +37,12 @@ class RequestFuture:
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._backlog: list[RequestOutput] = []
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
 
     # called from the engine thread
     def _update(self, output: RequestOutput) -> None:
         with self._lock:
             self._latest = output
-            self._backlog.append(output)
             waiters = list(self._waiters)
             if output.finished:
                 self._done.set()
@@ -86,8 +85,8 @@ class RequestFuture:
     async def _stream(self):
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            for out in self._backlog:
-                q.put_nowait(out)
+            if self._latest is not None:  # outputs are cumulative: a late reader starts from the latest
+                q.put_nowait(self._latest)
             if self._error is not None:
                 q.put_nowait(self._error)
             finished = self._done.is_set()

@@ -11,7 +11,7 @@ import transformers as tf
 
 from kiln.api import compile as kiln_compile
 from kiln.runtime.config import BuildConfig, KvCacheConfig
-from kiln.runtime.engine import RequestError
+from kiln.runtime.engine import RequestError, RequestOutput
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling import SamplingParams
 
@@ -121,6 +121,18 @@ def test_streaming_and_async_agree_and_cancel_alone(smol_llm):
     assert texts == plain and awaited.outputs[0].text == plain[1]
     assert aborted.outputs[0].finish_reason == "abort" and aborted.finished
     assert llm.generate_async(PROMPTS[0], GREEDY).result(timeout=60).outputs[0].text == plain[0]
+
+    # a reader that starts after the request finished gets its latest (final) output, and the future
+    # holds that one output, not every cumulative one (which grew with the square of the length)
+    late = llm.generate_async(PROMPTS[0], GREEDY, streaming=True)
+    late.result(timeout=60)
+
+    async def read_late():
+        return [out async for out in late]
+
+    outs = asyncio.run(read_late())
+    assert [o.outputs[0].text for o in outs] == [plain[0]] and outs[0].finished
+    assert not any(isinstance(v, list) and v and isinstance(v[0], RequestOutput) for v in vars(late).values())
 
 
 def test_bad_input_fails_alone(smol_llm, tmp_path):

@@ -198,9 +198,13 @@ def _all_reduce(ctx: StepContext, x: torch.Tensor, *, reduce: str) -> Any:
 
 @dataclass
 class RopeTables:
-    """cos/sin per position for each (inv_freq, scale), grown to the longest context seen."""
+    """cos/sin per position for each (inv_freq, scale), grown to the longest context seen.
+
+    A grown table does not free the one it replaces: graphs captured before read the old one by address
+    (a freed table is memory the allocator hands to others, or gives back)."""
 
     tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    replaced: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def get(self, inv_freq: torch.Tensor | None, scale: float, length: int, device: torch.device,
             head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +216,8 @@ class RopeTables:
             size = max(MIN_CONTEXT_BUCKET, 1 << (max(length, 1) - 1).bit_length())
             freq = inv_freq if inv_freq is not None else torch.zeros(head_dim // 2, device=device)
             cos, sin = rope_cache(size, head_dim, 0.0, device=device, inv_freq=freq.to(device))
+            if have is not None:
+                self.replaced.append(have)
             have = self.tables[key] = ((cos * scale).contiguous(), (sin * scale).contiguous())
         return have
 

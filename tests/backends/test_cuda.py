@@ -131,6 +131,21 @@ def test_slots_are_released_after_their_last_reader():
     assert not live - set(exe.output_slots)  # only the logits outlive the step
 
 
+def test_grown_rope_tables_keep_the_tables_captured_graphs_read():
+    """A graph captured at a short context reads cos/sin by address; a later, longer context grows the
+    table, and the old one must stay allocated (freed, it would be handed to other tensors)."""
+    import weakref
+
+    tables, inv_freq = cuda.RopeTables(), torch.rand(8)
+    cos, sin = tables.get(inv_freq, 1.0, 100, torch.device("cpu"), 16)
+    old = weakref.ref(cos)
+    grown = tables.get(inv_freq, 1.0, 600, torch.device("cpu"), 16)
+    assert grown[0].shape[0] >= 600 > cos.shape[0]
+    torch.testing.assert_close(grown[0][: cos.shape[0]], cos)  # the same positions, rotated alike
+    del cos, sin
+    assert old() is not None
+
+
 # -- on a GPU --------------------------------------------------------------------------------------
 
 @GPU

@@ -483,7 +483,7 @@ class Engine:
         slots = table[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
 
         def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(a).to(device=device, dtype=dtype)
+            return to_device(torch.from_numpy(a).to(dtype), device)
 
         token_input = tensor(np.array(tokens, dtype=np.int32), torch.int32)
         if gather_at:

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .hardware import pdl, pdl_wait
+
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     """The oracle: gate_up [..., 2F] = [gate | up] -> silu(gate) * up in f32, rounded once."""
@@ -14,10 +16,11 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, y_ptr, F_, stride_gu, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, y_ptr, F_, stride_gu, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F_
+    pdl_wait(PDL)
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_gu + F_ + cols, mask=mask, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
@@ -32,5 +35,5 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     y = torch.empty((gu.shape[0], F_), dtype=gate_up.dtype, device=gate_up.device) if out is None else out.view(-1, F_)
     block = min(4096, triton.next_power_of_2(F_))
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(F_, block))](gu, y, F_, gu.stride(0), y.stride(0), BLOCK=block,
-                                                            num_warps=4)
+                                                            num_warps=4, **pdl(gu.device, gu.shape[0]))
     return y.view(*gate_up.shape[:-1], F_)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import interpreting, mma, num_sms
+from .hardware import interpreting, mma, num_sms, pdl, pdl_wait
 
 LOG2E = 1.4426950408889634
 
@@ -78,9 +78,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr
                    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
                    partition, max_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+                   SPLIT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
     # One program: one sequence, one KV head with its GROUP query heads, one partition of the context.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pdl_wait(PDL)
     ctx = tl.load(lens_ptr + seq)
     start = split * partition
     if start < ctx:
@@ -124,9 +125,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr
 
 @triton.jit
 def _decode_reduce_kernel(po_ptr, pml_ptr, lens_ptr, o_ptr, v_scale, stride_ot, stride_oh, partition,
-                          max_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                          max_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
     # Merge the partitions of one (sequence, query head) with the log-sum-exp rule.
     seq, head = tl.program_id(0), tl.program_id(1)
+    pdl_wait(PDL)
     n = tl.cdiv(tl.load(lens_ptr + seq), partition)
     sp = tl.arange(0, SPLITS_PAD)
     row = (seq * tl.num_programs(1) + head) * max_splits + sp
@@ -175,10 +177,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), partition, splits, GROUP=H // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(H // Hkv)),
         HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_N=cfg.block_n, SPLIT=splits > 1, UPCAST=_exact_dot(q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl(q.device, B))
     if splits > 1:
         _decode_reduce_kernel[(B, H)](po, pml, seq_lens, out, v_scale, out.stride(0), out.stride(1), partition,
-                                      splits, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(splits))
+                                      splits, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(splits),
+                                      **pdl(q.device, B))
     return out
 
 

@@ -27,7 +27,7 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from . import activation, attention, gemm, gemm_fp8, gemm_woq, norm, rope, sampling
+from . import activation, attention, gemm, gemm_fp8, gemm_woq, norm, rope, sampling, split_k
 
 L2_BYTES = 50 * 2**20
 BF16 = torch.bfloat16
@@ -555,7 +555,7 @@ def check_kpacked_split_calls(results: list[tuple[str, float, float]]) -> None:
             graph.replay()
             add(f"awq kpacked {awq_tag(cfg)} M{M} graph replay {i + 1}", x, out)
     torch.cuda.synchronize()
-    results.append(("awq kpacked split-K counters left at 0 (sum)", float(gemm_woq._TICKETS[x.device].sum()), 0.0))
+    results.append(("awq kpacked split-K counters left at 0 (sum)", float(split_k._TICKETS[x.device].sum()), 0.0))
 
 
 def check(results: list[tuple[str, float, float]]) -> None:

@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import interpreting, mma, num_sms
+from .hardware import interpreting, mma, num_sms, pdl, pdl_wait, prefetch_l2
+from .split_k import split_buffers, sum_splits_last
 
 DECODE_MAX_M = 16
 
@@ -23,11 +24,12 @@ def linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class DecodeConfig:
     block_n: int
     block_k: int
-    split_k: int
+    split_k: int | None  # None: split K while the grid fits one program per SM (decode_split)
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 16
     swap_ab: bool = False  # w tile as the MMA's A operand: block_n rows (64, 128) fill a wgmma, x is not padded
+    prefetch_bytes: int = 1024  # of each weight row, into L2 before the kernel waits on the one before it (PDL)
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,11 @@ def _scale(acc, ptr, offs, n, KIND: tl.constexpr, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                   k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
-                   UPCAST: tl.constexpr):
+def _decode_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
+                   stride_ym, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLITS: tl.constexpr, SWAP_AB: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                   UPCAST: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                   LINE: tl.constexpr = 64):
     # One program streams a [BLOCK_N, k_per_split] slab of w once; BLOCK_M rows of x ride along.
     # SWAP_AB computes the transposed tile y^T = w @ x^T, accumulator [BLOCK_N, BLOCK_M].
     pid_n = tl.program_id(0)
@@ -67,6 +70,10 @@ def _decode_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, stride_xm, stri
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if PDL and PREFETCH > 0:  # the slab rows' first PREFETCH lines of LINE elements, while the last kernel drains
+        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH) * LINE, k_hi - 1)
+        prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1)[:, None] * stride_wn + lines[None, :])
+    pdl_wait(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
@@ -86,16 +93,16 @@ def _decode_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, stride_xm, stri
             acc = mma(x, w, acc, UPCAST)
     if SWAP_AB:
         acc = _scale(_scale(acc, xs_ptr, offs_m, M, X_SCALE, 1), ws_ptr, offs_n, N, W_SCALE, 0)
-        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+        rows, cols = offs_m[None, :], offs_n[:, None]
     else:
         acc = _scale(_scale(acc, xs_ptr, offs_m, M, X_SCALE, 0), ws_ptr, offs_n, N, W_SCALE, 1)
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:  # one of several K splits: f32 partial sums
-        tl.atomic_add(y_ptrs, acc, mask=mask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        rows, cols = offs_m[:, None], offs_n[None, :]
+    mask = (rows < M) & (cols < N)
+    if SPLITS == 1:
+        tl.store(y_ptr + rows * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # the scales distribute over the K splits' partial sums
+        sum_splits_last(acc, part_ptr, rows * N + cols, mask, M * N, y_ptr + rows * stride_ym + cols,
+                        ticket_ptr + tl.program_id(2) * tl.num_programs(0) + pid_n, SPLITS)
 
 
 @triton.jit
@@ -135,13 +142,22 @@ def decode_config(M: int, N: int, K: int, w_bytes: int = 2, x_bytes: int = 2) ->
     x-as-A form on every Llama-3.1-8B/3.2-1B shape but one, H100, `bench.py --only decode-sweep`)."""
     if w_bytes == 1 and x_bytes == 1:  # fp8
         if N >= 8192:
-            return DecodeConfig(64, 256, 1, 4, 3 if K >= 4096 else 5, 16, swap_ab=True)
-        return DecodeConfig(64, 512, 1, 4, 5, 16, swap_ab=True)
+            return DecodeConfig(64, 256, None, 4, 3 if K >= 4096 else 5, 16, swap_ab=True)
+        return DecodeConfig(64, 512, None, 4, 5, 16, swap_ab=True)
     if w_bytes == 1:  # int8 weights, widened in registers: the x-as-A form until a sweep says otherwise
         return DecodeConfig(32, 512, 1, 4, 3)
     if N >= 8192 and K <= 2048:
-        return DecodeConfig(64, 128, 1, 4, 5, 16, swap_ab=True)
-    return DecodeConfig(64, 256, 1, 4, 4 if N >= 8192 else 5, 16, swap_ab=True)
+        return DecodeConfig(64, 128, None, 4, 5, 16, swap_ab=True)
+    return DecodeConfig(64, 256, None, 4, 4 if N >= 8192 else 5, 16, swap_ab=True)
+
+
+def decode_split(programs: int, k_steps: int) -> int:
+    """Split K while the grid still fits one program per SM: a weight slab that N alone spreads over too
+    few SMs (o, down, the small q/k/v) then streams from all of them (their pipelines fill one SM each)."""
+    split = 1
+    while 2 * split * programs <= num_sms() and 2 * split <= k_steps:
+        split *= 2
+    return split
 
 
 def prefill_config(M: int, N: int, K: int, w_bytes: int = 2) -> PrefillConfig:
@@ -174,18 +190,19 @@ def launch_decode(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, x_scale: 
     (M, K), N = x.shape, w.shape[0]
     assert w.stride(-1) == 1 and x.stride(-1) == 1 and w.shape[1] == K
     cfg = config or decode_config(M, N, K, w.element_size(), x.element_size())
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    blocks = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+    k_per_split = triton.cdiv(K, cfg.split_k or decode_split(blocks, triton.cdiv(K, cfg.block_k)))
+    k_per_split = triton.cdiv(k_per_split, cfg.block_k) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
-    acc = out if split == 1 else torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    partials, tickets = split_buffers(x, split, M * N, blocks) if split > 1 else (out, out)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     xs, ws = (x_scale if x_scale is not None else x), (w_scale if w_scale is not None else x)
-    _decode_kernel[grid](x, w, acc, xs, ws, M, N, K, x.stride(0), w.stride(0), acc.stride(0),
+    _decode_kernel[grid](x, w, out, xs, ws, partials, tickets, M, N, K, x.stride(0), w.stride(0), out.stride(0),
                          k_per_split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         ATOMIC=split > 1, SWAP_AB=cfg.swap_ab, X_SCALE=_scale_kind(x_scale),
+                         SPLITS=split, SWAP_AB=cfg.swap_ab, X_SCALE=_scale_kind(x_scale),
                          W_SCALE=_scale_kind(w_scale), UPCAST=interpreting(), num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
-    if split > 1:
-        out.copy_(acc)
+                         num_stages=cfg.num_stages, PREFETCH=cfg.prefetch_bytes // 128,
+                         LINE=128 // w.element_size(), **pdl(x.device, M))
     return out
 
 

@@ -16,7 +16,8 @@ from .gemm import (
     launch_decode,
     launch_prefill,
 )
-from .hardware import interpreting, mma, num_sms
+from .hardware import interpreting, mma, num_sms, pdl, pdl_wait, prefetch_l2
+from .split_k import fill_split, split_buffers, sum_splits_last
 
 # AutoAWQ packs 8 columns per int32 with nibble i holding column AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -313,6 +314,7 @@ class AwqGemvConfig:
     num_stages: int = 3
     split_k: int | None = None  # None: split K until about programs_per_sm programs per SM
     programs_per_sm: int = 3
+    prefetch_bytes: int = 256  # of each row's split, into L2 before the kernel waits on the one before it (PDL)
 
 
 @dataclass(frozen=True)
@@ -407,25 +409,10 @@ def _gemv_group(w, x0, x1, x2, x3, s, z, ONE, SIXTEEN, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _sum_splits_last(y, part_ptr, out_ptr, offs, mask, split_stride, ticket_ptr, SPLITS: tl.constexpr):
-    # Every program of a column block writes its f32 partial sums, then takes a ticket; the last to arrive adds
-    # the partials in split order (the same rounding whichever comes last), writes the output, and puts the
-    # counter back to 0 for the next call. No second launch; the counters live across calls (and graph replays).
-    tl.store(part_ptr + tl.program_id(1) * split_stride + offs, y, mask=mask)
-    tl.debug_barrier()  # all threads' partials are written before thread 0 takes the ticket (release, gpu scope)
-    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == SPLITS - 1:
-        total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        for k in tl.static_range(1, SPLITS):  # unrolled: all the partials' loads in flight at once
-            total += tl.load(part_ptr + k * split_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr, N, G, groups_per_split, ONE,
                          SIXTEEN, KW: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_KW: tl.constexpr,
-                         STAGES: tl.constexpr, SPLITS: tl.constexpr, EVEN_N: tl.constexpr, X_BF16: tl.constexpr):
+                         STAGES: tl.constexpr, SPLITS: tl.constexpr, EVEN_N: tl.constexpr, X_BF16: tl.constexpr,
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     # M == 1, x read as int32 pairs; one program: BLOCK_N weight rows over the groups [g_lo, g_hi). KW is a
     # compile-time constant so that the rows' loads share one address register (immediate offsets, sm_90 SASS).
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -437,6 +424,10 @@ def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_pt
     else:
         rows = offs_n % N  # wrapped: loads stay unmasked along N; the store mask drops the copies
     offs_w = tl.arange(0, GROUP_KW)
+    if PDL and PREFETCH > 0:  # the rows' first PREFETCH lines (32 words) of the split while the last kernel drains
+        words = tl.minimum(g_lo * GROUP_KW + tl.arange(0, PREFETCH) * 32, g_hi * GROUP_KW - 1)
+        prefetch_l2(qw_ptr + rows[:, None] * KW + words[None, :])
+    pdl_wait(PDL)
     y = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # num_stages on the loop itself: Triton then streams the groups' loads through shared memory (cp.async),
     # STAGES - 1 groups ahead, although they feed no dot (the kernel-wide num_stages leaves them: sm_90 TTGIR).
@@ -448,7 +439,7 @@ def _kpacked_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_pt
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
     else:
-        _sum_splits_last(y, part_ptr, y_ptr, offs_n, nmask, N, ticket_ptr + pid_n, SPLITS)
+        sum_splits_last(y, part_ptr, offs_n, nmask, N, y_ptr + offs_n, ticket_ptr + pid_n, SPLITS)
 
 
 # 16-bit float pairs 1 + q/16 for the tensor-core kernel, by x's dtype: (mask, exponent bits of 1.0) in
@@ -472,7 +463,7 @@ def _unpack_half_pairs(w, MASK, ONE, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
 def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr, M, N, KW, G, stride_xm,
                         groups_per_split, MASK, ONE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_KW: tl.constexpr, GROUP_TILES: tl.constexpr, SHIFT: tl.constexpr, SPLITS: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        UPCAST: tl.constexpr, PDL: tl.constexpr = False):
     # Swap-AB: the tile of 1 + q/16 [BLOCK_N, 8 BLOCK_KW] is the MMA's A, x^T (rows in the tile's k order)
     # its B. Scales and zeros wait for the group's sums, as in the GEMV: per group acc = sum_k (1 + q_k/16) x_k
     # and X = sum_k x_k (a second MMA with A = 1, which keeps the sum off the CUDA cores), so the group adds
@@ -485,6 +476,7 @@ def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, BLOCK_KW)
     offs_k = tl.arange(0, 8 * BLOCK_KW)
+    pdl_wait(PDL)
     y = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for g in range(g_lo, g_hi):
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -507,8 +499,8 @@ def _kpacked_mma_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, y_ptr, part_ptr, ticket_ptr
     if SPLITS == 1:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        _sum_splits_last(y, part_ptr, y_ptr, offs, mask, M * N, ticket_ptr + pid_m * tl.num_programs(0) + pid_n,
-                         SPLITS)
+        sum_splits_last(y, part_ptr, offs, mask, M * N, y_ptr + offs, ticket_ptr + pid_m * tl.num_programs(0) + pid_n,
+                        SPLITS)
 
 
 @triton.jit
@@ -537,14 +529,6 @@ def awq_kpacked_dequantize_triton(w: AwqKPacked, dtype: torch.dtype | None = Non
     return out
 
 
-def _fill_split(programs: int, groups: int, per_sm: int) -> int:
-    """The power-of-two K split that brings the grid to about per_sm programs per SM, a group or more each."""
-    split = 1
-    while programs * split < per_sm * num_sms() and 2 * split <= groups:
-        split *= 2
-    return split
-
-
 def awq_kpacked_config(M: int, N: int, K: int, group: int) -> AwqKPackedConfig:
     """The path and tiles for a shape: CUDA-core GEMV at M == 1, swap-AB tensor cores below DEQUANT_MIN_M,
     dequantise + cuBLAS above."""
@@ -558,26 +542,6 @@ def awq_kpacked_config(M: int, N: int, K: int, group: int) -> AwqKPackedConfig:
     return AwqDequantConfig()
 
 
-# Split-K launches count their column blocks' arrivals here (_sum_splits_last): one zeroed int32 buffer per
-# device, made outside any CUDA-graph capture and left at zero by every launch, so graphs captured later may
-# use it. Launches on one stream run one after another; two streams running these kernels at once would share
-# the counters.
-TICKETS_PER_DEVICE = 1 << 16
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_buffers(x: torch.Tensor, split: int, size: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f32 partials [split, size], zeroed counters for blocks column blocks) for a split-K launch."""
-    partials = torch.empty((split, size), dtype=torch.float32, device=x.device)
-    tickets = _TICKETS.get(x.device)
-    if tickets is None or blocks > tickets.numel():
-        tickets = torch.zeros(max(blocks, TICKETS_PER_DEVICE), dtype=torch.int32, device=x.device)
-        # Inside a capture the zeroing is a node of the graph, replayed with it: this launch's own buffer.
-        if blocks <= TICKETS_PER_DEVICE and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _TICKETS[x.device] = tickets
-    return partials, tickets
-
-
 def _launch_gemv(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqGemvConfig) -> None:
     (N, K), gkw = w.shape, w.group // 8
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16):
@@ -587,15 +551,15 @@ def _launch_gemv(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqGemvCo
         raise ValueError(f"AwqGemvConfig: block_n={cfg.block_n} and the group's words ({w.group} / 8) must be powers "
                          f"of two: pick another block_n, or use AwqMmaConfig for this group size")
     groups, programs = K // w.group, triton.cdiv(N, cfg.block_n)
-    per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
+    per_split = triton.cdiv(groups, cfg.split_k or fill_split(programs, groups, cfg.programs_per_sm))
     split = triton.cdiv(groups, per_split)
-    partials, tickets = _split_buffers(x, split, N, programs) if split > 1 else (y, y)
+    partials, tickets = split_buffers(x, split, N, programs) if split > 1 else (y, y)
     x = x if x.data_ptr() % 4 == 0 else x.clone()  # read as int32 pairs
     _kpacked_gemv_kernel[(programs, split)](
         x.view(torch.int32), w.qweight, w.zeros, w.scales, y, partials, tickets, N, groups, per_split, F32_ONE,
         F32_SIXTEEN, KW=K // 8, BLOCK_N=cfg.block_n, GROUP_KW=gkw, STAGES=cfg.num_stages, SPLITS=split,
         EVEN_N=N % cfg.block_n == 0, X_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, PREFETCH=cfg.prefetch_bytes // 128, **pdl(x.device, 1))
 
 
 def _launch_mma(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqMmaConfig) -> None:
@@ -608,15 +572,16 @@ def _launch_mma(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqMmaConf
                          f"dividing the group ({w.group})")
     groups = K // w.group
     programs = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
-    per_split = triton.cdiv(groups, cfg.split_k or _fill_split(programs, groups, cfg.programs_per_sm))
+    per_split = triton.cdiv(groups, cfg.split_k or fill_split(programs, groups, cfg.programs_per_sm))
     split = triton.cdiv(groups, per_split)
-    partials, tickets = _split_buffers(x, split, M * N, programs) if split > 1 else (y, y)
+    partials, tickets = split_buffers(x, split, M * N, programs) if split > 1 else (y, y)
     grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
     mask, one, shift = HALF_PAIRS[x.dtype]
     _kpacked_mma_kernel[grid](x, w.qweight, w.zeros, w.scales, y, partials, tickets, M, N, K // 8, groups,
                               x.stride(0), per_split, mask, one, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                               BLOCK_KW=cfg.block_kw, GROUP_TILES=w.group // block_k, SHIFT=shift, SPLITS=split,
-                              UPCAST=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                              UPCAST=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              **pdl(x.device, M))
 
 
 def _launch_dequant(x: torch.Tensor, w: AwqKPacked, y: torch.Tensor, cfg: AwqDequantConfig) -> None:

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .hardware import pdl, pdl_wait
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """The oracle: h = x + residual rounded to x's dtype; y = h / rms(h) * weight in f32, rounded once.
@@ -18,10 +20,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, n, stride_x, stride_r, stride_y, stride_h, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    pdl_wait(PDL)
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         h = (h.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
@@ -46,6 +49,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y, h, n, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
                                      eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                     num_warps=min(16, max(1, block // 512)))
+                                     num_warps=min(16, max(1, block // 512)), **pdl(x2.device, x2.shape[0]))
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))

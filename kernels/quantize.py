@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .hardware import pdl, pdl_wait
+
 
 def quantize_rows_reference(x: torch.Tensor, dtype: torch.dtype, eps: float, bound: float,
                             round_to: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = torch.Tensor.to
@@ -23,8 +25,10 @@ def quantize_rows_reference(x: torch.Tensor, dtype: torch.dtype, eps: float, bou
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, bound, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, bound, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
     row = tl.program_id(0)
+    pdl_wait(PDL)
     offs = tl.arange(0, BLOCK)
     x_row, q_row = x_ptr + row.to(tl.int64) * stride_x, q_ptr + row.to(tl.int64) * stride_q
     top = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -50,5 +54,5 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, eps: float, bound: float)
     eps_x = float(torch.tensor(eps, dtype=x.dtype))  # the clamp's bound as x's dtype holds it
     block = min(triton.next_power_of_2(K), 4096)
     _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), eps_x, bound, BLOCK=block,
-                                num_warps=4 if block <= 1024 else 8)
+                                num_warps=4 if block <= 1024 else 8, **pdl(x.device, M))
     return q, scale

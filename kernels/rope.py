@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .hardware import pdl, pdl_wait
+
 
 def rope_cache(max_positions: int, head_dim: int, theta: float, device=None,
                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +54,12 @@ def _rotate(x_ptr, stride_h, heads, d, c, s, n_heads):
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kp_ptr, vp_ptr, slot_ptr, qo_ptr,
                     inv_k_scale, inv_v_scale, H, HKV, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                     stride_vh, stride_pb, stride_pt, stride_ph, stride_ot, stride_oh,
-                    HALF: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                    HALF: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    PDL: tl.constexpr = False):
     # One program per token: all of its q heads, k heads and v heads.
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF)
+    pdl_wait(PDL)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.load(cos_ptr + pos * HALF + d)
     s = tl.load(sin_ptr + pos * HALF + d)
@@ -91,5 +95,6 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
                           1.0 / v_scale, H, Hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                           v.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), out.stride(0),
                           out.stride(1), HALF=D // 2, H_PAD=triton.next_power_of_2(H),
-                          HKV_PAD=triton.next_power_of_2(Hkv), BLOCK_SIZE=k_pool.shape[1], num_warps=4)
+                          HKV_PAD=triton.next_power_of_2(Hkv), BLOCK_SIZE=k_pool.shape[1], num_warps=4,
+                          **pdl(q.device, T))
     return out

@@ -3,7 +3,7 @@ import pytest
 pytest.importorskip("triton")
 import torch
 
-from kiln.kernels import gemm_woq
+from kiln.kernels import gemm_woq, split_k
 from kiln.kernels.gemm import DecodeConfig, PrefillConfig
 from kiln.kernels.gemm_woq import AwqConfig
 
@@ -157,4 +157,4 @@ def test_awq_kpacked_split_k_counters_reset(device, check, poisoned):
         x = torch.randn(M, 384, dtype=BF16, device=device)
         out = gemm_woq.linear_awq_kpacked(x, w, out=poisoned((M, 72), BF16, device), config=config)
         check(out, gemm_woq.linear_awq_reference(x, q, z, s), 1e-2)
-        assert not gemm_woq._TICKETS[x.device].any()
+        assert not split_k._TICKETS[x.device].any()

@@ -17,10 +17,12 @@ CUDA graphs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..ir.graph import Graph
@@ -372,7 +374,8 @@ class CudaExecutable:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: dict[StepInfo, _CapturedStep] = {}
         self._graph_pool = None
-        self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0}
+        self._graph_caches: tuple = ()  # the KV pool the graphs were captured on (addresses, shapes, dtypes)
+        self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0, "pools": 0}
         self.released = False
 
     def _reform_weights(self, graph: Graph, slots: dict[int, int]) -> None:
@@ -448,6 +451,13 @@ class CudaExecutable:
         return None
 
     def _captured(self, shape: StepInfo, caches: Sequence[torch.Tensor]) -> "_CapturedStep | None":
+        pool = tuple((c.data_ptr(), tuple(c.shape), c.dtype) for c in caches)
+        if pool != self._graph_caches:  # a graph reads and writes the pool it was captured on: a new pool starts over
+            failed = self.graphs.get(("failed",))  # type: ignore[call-overload]
+            self.graphs = {} if failed is None else {("failed",): failed}  # type: ignore[dict-item]
+            self._graph_pool = None  # the dropped graphs' memory pool goes with them
+            self._graph_caches = pool
+            self.stats["pools"] += 1
         captured = self.graphs.get(shape)
         if captured is None:
             if self.graphs.get(("failed",)) is not None:
@@ -472,6 +482,27 @@ def _context_bucket(length: int) -> int:
     return max(MIN_CONTEXT_BUCKET, 1 << (length - 1).bit_length())
 
 
+@dataclass(frozen=True)
+class _MetaLayout:
+    """Where a captured step's metadata inputs lie in one byte buffer (8-byte ones first, so every view is
+    aligned): a step fills a pinned copy on the host and moves it in one copy, not one per input."""
+
+    fields: tuple[tuple[int, torch.dtype, tuple[int, ...], int], ...]  # (input index, dtype, shape, byte offset)
+    nbytes: int
+
+    @classmethod
+    def of(cls, specs: Sequence[tuple[int, torch.dtype, tuple[int, ...]]]) -> "_MetaLayout":
+        fields, at = [], 0
+        for index, dtype, shape in sorted(specs, key=lambda f: -f[1].itemsize):
+            fields.append((index, dtype, shape, at))
+            at += math.prod(shape) * dtype.itemsize
+        return cls(tuple(fields), at)
+
+    def views(self, buffer: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {i: buffer[at: at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for i, dtype, shape, at in self.fields}
+
+
 @dataclass
 class _CapturedStep:
     """One captured step shape: the static metadata buffers it reads, the logits buffer it writes.
@@ -483,23 +514,25 @@ class _CapturedStep:
 
     graph: torch.cuda.CUDAGraph
     inputs: list[torch.Tensor]   # tokens, positions, slots, block_tables, context_lens, query_start, logits_indices
+    layout: _MetaLayout          # of inputs[1:], which are views of `packed`
+    packed: torch.Tensor
     logits: torch.Tensor
     shape: StepInfo
 
     @classmethod
     def capture(cls, exe: CudaExecutable, shape: StepInfo, caches: Sequence[torch.Tensor]) -> "_CapturedStep":
         dev = exe.device
-        i32 = dict(dtype=torch.int32, device=dev)
         n, t = shape.num_seqs, shape.num_tokens
         block = caches[0].shape[1]
-        decode = shape.is_decode
-        inputs = [torch.zeros(t, **i32), torch.zeros(t, **i32),
-                  torch.full((t,), -1, dtype=torch.int64, device=dev),
-                  torch.zeros(n, -(-shape.max_context_len // block), **i32),
-                  torch.ones(n, **i32) if decode else torch.full((1,), t, **i32),
-                  torch.arange(n + 1, **i32) if decode else torch.tensor([0, t], **i32),
-                  torch.arange(n, dtype=torch.int64, device=dev) if decode
-                  else torch.full((1,), t - 1, dtype=torch.int64, device=dev)]
+        rows = n if shape.is_decode else 1
+        i32, i64 = torch.int32, torch.int64
+        layout = _MetaLayout.of([(1, i32, (t,)), (2, i64, (t,)), (3, i32, (n, -(-shape.max_context_len // block))),
+                                 (4, i32, (rows,)), (5, i32, (rows + 1,)), (6, i64, (rows,))])
+        host = torch.empty(layout.nbytes, dtype=torch.uint8)
+        cls._fill(layout.views(host), shape, shape, None)  # a valid step of the bucket's shape for the warm-up runs
+        packed = host.to(dev)
+        views = layout.views(packed)
+        inputs = [torch.zeros(t, dtype=i32, device=dev), *(views[i] for i in range(1, 7))]
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -512,25 +545,38 @@ class _CapturedStep:
         # thread_local: NCCL's watchdog thread may query events while this thread captures
         with torch.cuda.graph(graph, pool=exe._graph_pool, capture_error_mode="thread_local"):
             logits = exe.run_program([*inputs, *caches], shape)[0]
-        return cls(graph, inputs, logits, shape)
+        return cls(graph, inputs, layout, packed, logits, shape)
+
+    @staticmethod
+    def _fill(h: dict[int, torch.Tensor], shape: StepInfo, step: StepInfo, meta: Sequence[torch.Tensor] | None) -> None:
+        """The bucket's metadata for `step` (None: an empty one) into the host views `h`: padding tokens
+        write nowhere (slot -1), padded decode rows read one token of block 0."""
+        n, t = step.num_seqs, step.num_tokens
+        positions, slots, tables, lens, starts, rows = (h[i].numpy() for i in range(1, 7))
+        positions[:], slots[:], tables[:] = 0, -1, 0
+        if meta is not None:
+            positions[:t], slots[:t] = meta[1].numpy(), meta[2].numpy()
+            width = min(meta[3].shape[1], tables.shape[1])  # columns past the context bucket are never read
+            tables[:n, :width] = meta[3].numpy()[:, :width]
+        if shape.is_decode:
+            lens[:] = 1
+            if meta is not None:
+                lens[:n] = meta[4].numpy()
+            starts[:] = np.arange(len(starts))
+            rows[:] = np.arange(len(rows))
+        else:  # one prompt of t tokens: its query range and its last token's logits row
+            lens[:] = meta[4].numpy() if meta is not None else shape.num_tokens
+            starts[:] = (0, t)
+            rows[:] = t - 1
 
     def replay(self, meta: Sequence[torch.Tensor], step: StepInfo) -> torch.Tensor:
-        n, t = step.num_seqs, step.num_tokens
-        tokens, positions, slots, tables, lens, starts, rows = self.inputs
-        copy_into(tokens[:t], meta[0])
-        copy_into(positions[:t], meta[1])
-        copy_into(slots[:t], meta[2])
-        slots[t:].fill_(-1)
-        width = min(meta[3].shape[1], tables.shape[1])  # columns past the context bucket are never read
-        copy_into(tables[:n, :width], meta[3][:, :width])
-        copy_into(lens[:n], meta[4])
-        if self.shape.is_decode:
-            lens[n:].fill_(1)
-        else:  # one prompt of t tokens: its query range and its last token's logits row
-            starts[1:].fill_(t)
-            rows.fill_(t - 1)
+        host = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=True)
+        # the engine's metadata is on the host already; the tokens may be on the GPU (the last step's samples)
+        self._fill(self.layout.views(host), self.shape, step, [meta[0], *(m.cpu() for m in meta[1:])])
+        copy_into(self.inputs[0][: step.num_tokens], meta[0])
+        copy_into(self.packed, host)
         self.graph.replay()
-        return self.logits[:n]
+        return self.logits[: step.num_seqs]
 
 
 def compile(graph: Graph, *, device: str | torch.device = "cuda", cuda_graphs: bool = True,

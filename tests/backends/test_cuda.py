@@ -146,6 +146,25 @@ def test_grown_rope_tables_keep_the_tables_captured_graphs_read():
     assert old() is not None
 
 
+
+def test_a_captured_steps_metadata_is_one_buffer_padded_to_its_bucket():
+    """A replay moves a step's metadata in one copy: the packed views hold the step, padded as the
+    graph expects (padding tokens write nowhere, padded rows read one token of block 0)."""
+    bucket = cuda.StepInfo(4, 4, 1, 64)
+    layout = cuda._MetaLayout.of([(1, torch.int32, (4,)), (2, torch.int64, (4,)), (3, torch.int32, (4, 4)),
+                                  (4, torch.int32, (4,)), (5, torch.int32, (5,)), (6, torch.int64, (4,))])
+    assert [f[3] % f[1].itemsize for f in layout.fields] == [0] * 6 and layout.nbytes == 8 * 8 + 4 * (4 + 16 + 4 + 5)
+    i32 = {"dtype": torch.int32}
+    meta = [torch.tensor([7, 8]), torch.tensor([30, 5], **i32), torch.tensor([300, 85]),
+            torch.tensor([[9, 3, 4], [5, 0, 0]], **i32), torch.tensor([31, 6], **i32), torch.tensor([0, 1, 2], **i32),
+            torch.tensor([0, 1])]
+    buffer = torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8)  # garbage: every byte must be written
+    cuda._CapturedStep._fill(layout.views(buffer), bucket, cuda.StepInfo(2, 2, 1, 31), meta)
+    v = layout.views(buffer)
+    assert v[1].tolist() == [30, 5, 0, 0] and v[2].tolist() == [300, 85, -1, -1]
+    assert v[3].tolist() == [[9, 3, 4, 0], [5, 0, 0, 0], [0] * 4, [0] * 4]
+    assert v[4].tolist() == [31, 6, 1, 1] and v[5].tolist() == [0, 1, 2, 3, 4] and v[6].tolist() == [0, 1, 2, 3]
+
 # -- on a GPU --------------------------------------------------------------------------------------
 
 @GPU
@@ -184,6 +203,19 @@ def test_lone_prompts_prefill_from_captured_graphs_as_eager_steps_do():
     assert len(prefills) >= 3, list(exe.graphs)
     print(f"\n{len(lone)} lone prompts: identical to the reference; captured prefill shapes {prefills}")
 
+
+
+@GPU
+def test_an_engine_with_a_pool_of_its_own_does_not_replay_another_pools_graphs():
+    """A captured graph reads and writes the KV pool it was captured on: a second Engine on the same
+    executable (kiln bench's next workload) recaptures, while the first engine's pool is still alive."""
+    ref, exe, graph = both(tiny().cuda(), "cuda")
+    first, second = prompts(8, longest=30, seed=4), prompts(8, longest=30, seed=5)
+    want = [serve(ref.graph, ref.executable(), b, device="cuda")[0] for b in (first, second)]
+    got_first, kept = serve(graph, exe, first, device="cuda", pool_tokens=2048)
+    got_second, other = serve(graph, exe, second, device="cuda", pool_tokens=4096)
+    assert (got_first, got_second) == (want[0], want[1])
+    assert exe.stats["pools"] == 2 and kept.caches[0].data_ptr() != other.caches[0].data_ptr(), exe.stats
 
 @GPU
 def test_overlapped_steps_give_what_synchronous_steps_give():

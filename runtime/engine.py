@@ -383,8 +383,9 @@ class Engine:
     def _launch_sampling(self, logits: torch.Tensor, rows: list[int], ready: list[Sequence], states: list[_SeqState],
                          params: list[SamplingParams]) -> _Pending:
         """Enqueue the sampling of `rows` and its copy to the host; the sequences hold a placeholder."""
-        index = to_device(torch.tensor(rows, dtype=torch.int64), logits.device)
-        tokens = sample_on_device(logits.index_select(0, index), params)
+        if rows != list(range(logits.shape[0])):  # (a decode step samples every row, in order: no gather)
+            logits = logits.index_select(0, to_device(torch.tensor(rows, dtype=torch.int64), logits.device))
+        tokens = sample_on_device(logits, params)
         if logits.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
@@ -509,6 +510,8 @@ def _block_table(tables: list[list[int]]) -> np.ndarray:
 
 def _gather_tokens(tokens: torch.Tensor, at: list[int], rows: list[int], pending: torch.Tensor) -> torch.Tensor:
     """`tokens` with positions `at` taken from `pending`'s `rows` (where it lives: no wait on the device)."""
+    if len(at) == len(tokens) == len(pending) and at == rows == list(range(len(at))):  # decode, in the same order
+        return pending.to(tokens.dtype)
     index = to_device(torch.tensor([at, rows], dtype=torch.int64), pending.device)
     tokens = to_device(tokens, pending.device)
     tokens[index[0]] = pending.index_select(0, index[1]).to(tokens.dtype)

@@ -49,10 +49,10 @@ from ..passes.kv_cache import SERVING_INPUTS
 
 CALL, STEP, STOP = 1, 2, 3
 STEP_FIELDS = 4
-HEADER = 3 + 2 * len(SERVING_INPUTS) + STEP_FIELDS
+HEADER = 4 + 2 * len(SERVING_INPUTS) + STEP_FIELDS
 """A step's header: command, payload length, KV pool blocks, each input's shape (two dims, -1 if absent),
-then rank 0's StepInfo, so that every rank makes the same choices (which CUDA graph to replay or
-capture), and their collectives stay matched."""
+then rank 0's StepInfo (zeros: none), so that every rank makes the same choices (which CUDA graph to
+replay or capture) and their collectives stay matched, then whether the tokens follow by broadcast."""
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 """Workers wait for rank 0's next command as long as the server lives."""
 
@@ -560,10 +560,15 @@ def _run_step(state: RankState, header: list[int], payload: torch.Tensor) -> Non
         state.caches = [torch.empty((num_blocks, *c.type.shape[1:]), dtype=c.type.dtype.torch, device=state.device)
                         for c in caches]
     meta = _unpack(header, payload, [v.type for v in graph.inputs[: len(SERVING_INPUTS)]])
-    fields = header[1 + 2 * len(SERVING_INPUTS):][:STEP_FIELDS]
+    fields = header[1 + 2 * len(SERVING_INPUTS):][:STEP_FIELDS + 1]
+    if fields[STEP_FIELDS]:  # rank 0's tokens are still on its GPU: they come by broadcast, in stream order
+        tokens = torch.empty(meta[0].shape, dtype=torch.int32, device=state.device)
+        torch_dist.broadcast(tokens, src=0)
+        meta[0] = tokens.to(meta[0].dtype)
     from ..backends import StepInfo
 
-    _call(state.executable, meta, state.caches, state.device, StepInfo(*fields) if fields[0] > 0 else None)
+    _call(state.executable, meta, state.caches, state.device,
+          StepInfo(*fields[:STEP_FIELDS]) if fields[0] > 0 else None)
 
 
 class DistributedExecutable:
@@ -583,23 +588,24 @@ class DistributedExecutable:
 
     def __call__(self, *inputs: torch.Tensor, step: Any = None) -> list[torch.Tensor]:
         n = len(SERVING_INPUTS)
-        if any(t.is_cuda for t in inputs[:n]):  # tokens left on the device by the last step: wait for them, alive
-            from .engine import wait_for
-
-            event = torch.cuda.Event()
-            event.record()
-            wait_for(event, self.ranks.check)
-        meta, caches = [t.cpu() for t in inputs[:n]], list(inputs[n:])
+        tokens = inputs[0]
+        # Tokens the last step left on the GPU go to the workers by an NCCL broadcast queued behind that
+        # step: no rank waits for them on the host, so every rank's next step is queued early.
+        follow = tokens.is_cuda and self.ranks.backend == "nccl"
+        meta, caches = [t.cpu() for t in inputs[1:n]], list(inputs[n:])
+        meta.insert(0, torch.zeros(tokens.shape, dtype=tokens.dtype) if follow else tokens.cpu())
         header, payload = _pack(meta, caches[0].shape[0] if caches else 0)
         if step is None and getattr(self.local, "host_inputs", False):
             from ..backends import StepInfo
 
             step = StepInfo.of(*meta[:6])
-        if step is not None:
-            header += dataclasses.astuple(step)
+        header += [*(dataclasses.astuple(step) if step is not None else (0,) * STEP_FIELDS), int(follow)]
         with self.ranks._lock:
             self.ranks.step(header, payload)
             try:
+                if follow:
+                    meta[0] = tokens.to(torch.int32)
+                    torch_dist.broadcast(meta[0], src=0)
                 return _call(self.local, meta, caches, self.device, step)
             except Exception as e:
                 raise self.ranks.fail(e) from e

@@ -23,6 +23,8 @@ import torch.distributed as torch_dist
 
 BUFFER_BYTES = 4 << 20
 """Symmetric buffer per rank: decode batches up to 256 tokens of an 8192-wide bf16 model."""
+_SYMMETRIC_GROUPS: set[str] = set()
+"""Process groups whose symmetric memory this process has set up (once per name for its life)."""
 
 
 @dataclass
@@ -43,6 +45,17 @@ class AllReduce:
             raise ValueError(f"KILN_ALL_REDUCE must be 'auto' or 'nccl', got {mode!r}")
         out = cls(world)
         if world == 1 or device.type != "cuda" or mode == "nccl":
+            return out
+        # torch keeps a group's symmetric-memory rendezvous for the process's life, keyed by the group's
+        # name, which a later job's default group reuses: its rendezvous would wait forever on the first
+        # job's store. Every rank learns whether one of them has been here before rendezvousing.
+        fresh = torch.tensor([torch_dist.group.WORLD.group_name not in _SYMMETRIC_GROUPS], dtype=torch.int32,
+                             device=device)
+        torch_dist.all_reduce(fresh, op=torch_dist.ReduceOp.MIN)
+        if not fresh.item():
+            warnings.warn("kiln: this process ran a tensor-parallel job before; this one all-reduces through "
+                          "NCCL (torch's symmetric memory keeps the first job's rendezvous). Start the job in a "
+                          "new process for the one-shot all-reduce")
             return out
         buffer, name = _symmetric_buffer(device)
         ok = torch.tensor([buffer is not None], dtype=torch.int32, device=device)
@@ -87,6 +100,7 @@ def _symmetric_buffer(device: torch.device) -> tuple[torch.Tensor | None, str | 
                 warnings.simplefilter("ignore")
                 enable(name)
         buffer = symm_mem.empty(BUFFER_BYTES, dtype=torch.uint8, device=device)
+        _SYMMETRIC_GROUPS.add(name)
         symm_mem.rendezvous(buffer, group)
         return buffer, name
     except Exception as e:  # noqa: BLE001  (no P2P, no driver support: NCCL does all of it)

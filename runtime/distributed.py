@@ -424,8 +424,10 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _is_collective_error(error: BaseException) -> bool:
-    """A collective that failed, maybe because a peer died (gloo says so in a RuntimeError)."""
-    return isinstance(error, torch_dist.DistBackendError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+    """A collective or a worker's pipe that failed, maybe because a peer died (gloo says so in a RuntimeError;
+    a step sent to a worker that has just died breaks its pipe before the watchdog sees it go)."""
+    return isinstance(error, (torch_dist.DistBackendError, BrokenPipeError, ConnectionResetError, EOFError)) or (
+        isinstance(error, RuntimeError) and "gloo" in str(error))
 
 
 def _worker_main(rank: int, world_size: int, port: int, backend: str, device: str, timeout_s: float,

@@ -74,11 +74,11 @@ def _kv_offsets(bt_row_ptr, t, tmask, kv_head, stride_kb, stride_kt, stride_kh, 
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr, qk_scale, v_scale,
-                   stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
-                   partition, max_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr, qk_scale, v_scale,
+                         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
+                         partition, max_splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLIT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
     # One program: one sequence, one KV head with its GROUP query heads, one partition of the context.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pdl_wait(PDL)
@@ -112,7 +112,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr
             acc = mma(p.to(q.dtype), v, acc * alpha[:, None], UPCAST)
             m = m_new
         if SPLIT:
-            # Unnormalised partial output and its (max, sum) for _decode_reduce_kernel.
+            # Unnormalised partial output and its (max, sum) for _paged_decode_reduce_kernel.
             row = (seq * GROUP * tl.num_programs(1) + heads) * max_splits + split
             tl.store(po_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=hmask[:, None])
             tl.store(pml_ptr + row * 2, m, mask=hmask)
@@ -124,8 +124,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, pml_ptr
 
 
 @triton.jit
-def _decode_reduce_kernel(po_ptr, pml_ptr, lens_ptr, o_ptr, v_scale, stride_ot, stride_oh, partition,
-                          max_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr = False):
+def _paged_decode_reduce_kernel(po_ptr, pml_ptr, lens_ptr, o_ptr, v_scale, stride_ot, stride_oh, partition,
+                                max_splits, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                                PDL: tl.constexpr = False):
     # Merge the partitions of one (sequence, query head) with the log-sum-exp rule.
     seq, head = tl.program_id(0), tl.program_id(1)
     pdl_wait(PDL)
@@ -172,16 +173,16 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     if splits > 1:
         po = torch.empty((B, H, splits, D), dtype=torch.float32, device=q.device)
         pml = torch.empty((B, H, splits, 2), dtype=torch.float32, device=q.device)
-    _decode_kernel[(B, Hkv, splits)](
+    _paged_decode_kernel[(B, Hkv, splits)](
         q, k_pool, v_pool, block_tables, seq_lens, out, po, pml, scale, v_scale, q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0),
         out.stride(1), partition, splits, GROUP=H // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(H // Hkv)),
         HEAD_DIM=D, BLOCK_SIZE=BS, BLOCK_N=cfg.block_n, SPLIT=splits > 1, UPCAST=_exact_dot(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl(q.device, B))
     if splits > 1:
-        _decode_reduce_kernel[(B, H)](po, pml, seq_lens, out, v_scale, out.stride(0), out.stride(1), partition,
-                                      splits, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(splits),
-                                      **pdl(q.device, B))
+        _paged_decode_reduce_kernel[(B, H)](po, pml, seq_lens, out, v_scale, out.stride(0), out.stride(1),
+                                            partition, splits, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(splits),
+                                            **pdl(q.device, B))
     return out
 
 

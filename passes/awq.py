@@ -5,9 +5,12 @@ the search of AutoAWQ). Per linear group (the linears reading one input):
    grid in [0, 1); the r whose int4-quantized W*s, applied to x/s, reproduces the float output
    x @ W.T best on calibration rows wins; x/s is folded into what computes x (channel_scaling.py)
    and W*s replaces the weights;
-2. clipping: per output channel and group of G inputs, the bound max|w| * (1 - i/20), i < 10, that
-   minimises the group's partial-output error on those rows (AutoAWQ's auto_clip; the rows that
-   make attention queries and keys, which feed rope, are not clipped, as AutoAWQ skips q/k).
+2. clipping: per output channel and group of G inputs, the range that minimises the group's
+   partial-output error on those rows (AutoAWQ's auto_clip: ends shrunk by (1 - i/20), i < 10). With
+   zero points the group's min and max are shrunk apart, by coordinate descent, where AutoAWQ clips
+   to a symmetric [-b, b] that cannot tighten one side of a skewed group without the other (on
+   SmolLM2 at g64 this takes perplexity from +13.9% to +10.3% of bf16, 12 held-out windows); the
+   rows that make attention queries and keys, which feed rope, are not clipped, as AutoAWQ skips q/k.
 
 The quantize pass then rounds the transformed weights to int4 groups (algo=w4a16 or w4a16-awq).
 Everything is lazy: the new parameters are scaled and clipped views of the originals.
@@ -55,6 +58,7 @@ class AwqSettings:
     clip_grid: int = 20         # clip bounds shrink in steps of 1 / clip_grid ...
     clip_max_shrink: float = 0.5  # ... down to (1 - clip_max_shrink) of the group's max
     clip_rows: int = 512        # calibration rows used for clipping
+    clip_rounds: int = 2        # zero-point groups: passes of the min-then-max search of the clipping range
     clip: bool = True
 
 
@@ -86,26 +90,54 @@ def search_scale(group: LinearGroup, x: torch.Tensor, x_mean: torch.Tensor, sett
     return s[best], float(losses[best]), plain
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AwqSettings) -> torch.Tensor:
-    """AutoAWQ's auto_clip: per (output channel, group) the bound on |w| that minimises the group's
-    partial output error on rows x. Returns bounds [N, K / G]."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AwqSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ's auto_clip, per (output channel, group of G inputs): the clipping range [lower, upper]
+    of w whose int4 rounding has the least partial-output error mean_t (x_t . (q - w))^2 on rows x,
+    each end shrunk towards 0 in steps of 1/clip_grid up to clip_max_shrink. Groups with zero points
+    search the two ends apart (their scale and zero follow both; `clip_rounds` passes of coordinate
+    descent, min then max), symmetric groups one bound on |w| as AutoAWQ does. Returns (lower, upper),
+    each [N, K / G]."""
     gs = settings.group_size
     n, k = w.shape
     groups = k // gs
-    xg = x.reshape(x.shape[0], groups, gs)
-    shrink = 1 - torch.arange(int(settings.clip_max_shrink * settings.clip_grid)) / settings.clip_grid  # [steps]
-    steps = len(shrink)
-    chunk = max(1, _BATCH // (steps * max(x.shape[0] * groups, k)))
-    bounds = []
-    for lo in range(0, n, chunk):
-        wg = w[lo:lo + chunk].reshape(-1, groups, gs)                                  # [n, groups, G]
-        top = wg.abs().amax(-1)                                                        # [n, groups]
-        bound = top[None] * shrink[:, None, None]                                      # [steps, n, groups]
-        clipped = torch.minimum(torch.maximum(wg[None], -bound[..., None]), bound[..., None])
-        q = fake_quantize_int4(clipped.reshape(-1, k), gs, settings.zero_point).reshape(clipped.shape)
-        err = torch.einsum("sgk,cngk->cnsg", xg, q - wg[None]).pow(2).mean(2)          # [steps, n, groups]
-        bounds.append(bound.gather(0, err.argmin(0, keepdim=True))[0])
-    return torch.cat(bounds)
+    xg = x.float().reshape(x.shape[0], groups, gs)
+    gram = torch.einsum("tgi,tgj->gij", xg, xg) / x.shape[0]          # the error is e . gram_g . e per group
+    shrink = 1 - torch.arange(1, int(settings.clip_max_shrink * settings.clip_grid)) / settings.clip_grid
+    lowers, uppers = [], []
+    rows = max(1, _BATCH // (8 * k))
+    for first in range(0, n, rows):
+        wg = w[first:first + rows].float().reshape(-1, groups, gs)
+        if settings.zero_point:
+            lower0, upper0 = wg.amin(-1), wg.amax(-1)
+            ends = [(lower0, False), (upper0, True)] * settings.clip_rounds
+        else:
+            upper0 = wg.abs().amax(-1)
+            lower0 = -upper0
+            ends = [(upper0, None)]
+        lower, upper = lower0, upper0
+        best = _clip_error(wg, lower, upper, gram, settings)
+        for start, is_upper in ends:
+            for f in shrink:
+                if is_upper is None:
+                    cand = (-start * f, start * f)
+                else:
+                    cand = (lower, start * f) if is_upper else (start * f, upper)
+                err = _clip_error(wg, *cand, gram, settings)
+                better = err < best
+                best = torch.where(better, err, best)
+                lower, upper = torch.where(better, cand[0], lower), torch.where(better, cand[1], upper)
+        lowers.append(lower)
+        uppers.append(upper)
+    return torch.cat(lowers), torch.cat(uppers)
+
+
+def _clip_error(wg: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, gram: torch.Tensor,
+                settings: AwqSettings) -> torch.Tensor:
+    """Per group of wg [N, groups, G], the partial-output error e . gram_g . e of clipping it to
+    [lower, upper] and rounding to int4 (= mean_t (x_t . e)^2 with gram_g = mean_t x_t x_t^T)."""
+    clipped = torch.minimum(torch.maximum(wg, lower[..., None]), upper[..., None])
+    e = fake_quantize_int4(clipped.flatten(1), settings.group_size, settings.zero_point).reshape(wg.shape) - wg
+    return torch.einsum("ngi,gij,ngj->ng", e, gram, e)
 
 
 _ROPE_ROWS = P("llm.rope", P("core.reshape", P("core.slice", Var("out"), name="rows")), Var(), Var(), variadic=True)
@@ -133,9 +165,10 @@ def _clip(graph: Graph, op: Op, x: torch.Tensor, settings: AwqSettings, calibrat
         keep[start:end] = False
     if not keep.any():
         return 0
-    bounds = torch.full((weight.shape[0], weight.shape[1] // settings.group_size), float("inf"))
-    bounds[keep] = search_clip(weight[keep], x, settings)
-    replace_operand(graph, op, 1, ClippedStorage(w.storage, bounds, settings.group_size), "clip", calibration)
+    upper = torch.full((weight.shape[0], weight.shape[1] // settings.group_size), float("inf"))
+    lower = -upper
+    lower[keep], upper[keep] = search_clip(weight[keep], x, settings)
+    replace_operand(graph, op, 1, ClippedStorage(w.storage, upper, settings.group_size, lower), "clip", calibration)
     return int(keep.sum())
 
 

@@ -61,12 +61,13 @@ class ScaledStorage(Storage):
 
 @dataclass(eq=False)
 class ClippedStorage(Storage):
-    """`source` clamped to [-bound, bound] per group of `group_size` along the last dim (bound
-    [rows, groups]): AWQ's weight clipping."""
+    """`source` clamped to [lower, bound] (lower None: [-bound, bound]) per group of `group_size`
+    along the last dim (bounds [rows, groups]): AWQ's weight clipping."""
 
     source: Storage
     bound: torch.Tensor
     group_size: int
+    lower: torch.Tensor | None = None
     type: TensorType = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,8 +76,9 @@ class ClippedStorage(Storage):
     def load(self) -> torch.Tensor:
         t = self.source.load()
         g = t.float().reshape(t.shape[0], -1, self.group_size)
-        b = self.bound.float()[..., None]
-        return torch.minimum(torch.maximum(g, -b), b).reshape(t.shape).to(t.dtype)
+        hi = self.bound.float()[..., None]
+        lo = -hi if self.lower is None else self.lower.float()[..., None]
+        return torch.minimum(torch.maximum(g, lo), hi).reshape(t.shape).to(t.dtype)
 
     def describe(self) -> str:
         return f"({self.source.describe()}) clipped per group of {self.group_size}"

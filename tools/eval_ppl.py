@@ -166,7 +166,11 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def sensitivity_units(graph: Graph, config: QuantConfig, by: str) -> dict[str, list[str]]:
-    """Unit name -> the weight parameters it quantizes: each linear, each layer, or each kind."""
+    """Unit name -> exclude patterns naming the linears it quantizes (each linear, each layer, or each
+    kind). A pattern names a linear by its op's loc, which smooth and awq keep when they replace the
+    weight by a scaled one (`...weight.awq`), so that the other units stay excluded after those passes."""
+    import glob
+
     from ..passes.quantize import _linears, _skip_reason
 
     units: dict[str, list[str]] = {}
@@ -182,7 +186,7 @@ def sensitivity_units(graph: Graph, config: QuantConfig, by: str) -> dict[str, l
             key = _LAYER.sub(".*.", module, count=1)
         else:
             key = module
-        units.setdefault(key, []).append(w)
+        units.setdefault(key, []).append(glob.escape(module))
     return units
 
 
@@ -194,10 +198,10 @@ def sensitivity(graph: Graph, config: QuantConfig, calibration: Calibration | No
 
     out = out or sys.stdout
     units = sensitivity_units(graph, config, by)
-    everything = [w for ws in units.values() for w in ws]
+    everything = [p for ps in units.values() for p in ps]
     rows = []
-    for name, weights in tqdm(units.items(), desc="sensitivity", unit=by, disable=not progress):
-        keep = tuple(w for w in everything if w not in weights)
+    for name, patterns in tqdm(units.items(), desc="sensitivity", unit=by, disable=not progress):
+        keep = tuple(p for p in everything if p not in patterns)
         one = replace(config, exclude_modules=config.exclude_modules + keep)
         start = time.perf_counter()
         g, count = quantized_graph(graph, one, calibration)

@@ -57,6 +57,19 @@ def test_sensitivity_ranks_units_quantized_one_at_a_time(pydoc_llama, capsys):
     assert ppls == sorted(ppls, reverse=True)
 
 
+def test_sensitivity_keeps_the_other_units_float_after_awq_renames_weights(pydoc_llama, capsys, tmp_path):
+    # awq folds a unit's scales into its neighbours' weights (down_proj's into the up rows, o_proj's into the
+    # v rows) and renames them (`...weight.concat.awq`): the other units must stay excluded all the same
+    report = tmp_path / "sens.json"
+    assert cli.main(["eval-ppl", str(pydoc_llama), "-q", "w4a16-awq", "--group-size", "32", "--sensitivity",
+                     "--by", "kind", "--calib-rows", "48", *SMALL, "--json", str(report)]) == 0
+    capsys.readouterr()
+    units = json.loads(report.read_text())["sensitivity"]
+    assert sorted(u["name"] for u in units) == ["model.layers.*.mlp.down_proj", "model.layers.*.mlp.gate_proj",
+                                                "model.layers.*.self_attn.o_proj", "model.layers.*.self_attn.q_proj"]
+    assert [u["quantized"] for u in units] == [2, 2, 2, 2]      # one linear of each of the 2 layers
+
+
 def test_eval_ppl_compares_the_kv_cache_alone_with_linears_and_kv(pydoc_llama, capsys):
     assert cli.main(["eval-ppl", str(pydoc_llama), "-q", "fp8_kv", "-q", "w8a16+fp8_kv", "-q", "w8a16", *SMALL]) == 0
     rows = _rows(capsys.readouterr().out)

@@ -227,12 +227,6 @@ DECODE_FORMATS = {
 }
 
 
-def fill_split(N: int, cfg: gemm.DecodeConfig) -> int:
-    """The power-of-two K split that brings the column blocks nearest to one program per SM."""
-    blocks = triton.cdiv(N, cfg.block_n)
-    return 2 ** round(math.log2(gemm.num_sms() / blocks)) if blocks < gemm.num_sms() else 1
-
-
 def decode_tag(cfg: gemm.DecodeConfig) -> str:
     return f"{cfg.block_n}/{cfg.block_k}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages}/{cfg.block_m}"
 
@@ -261,8 +255,10 @@ def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int,
         if stages * bk * (bn * fmt.w_bytes + 16 * fmt.x_bytes) <= smem:  # Triton's pipeline buffers fit
             time(gemm.DecodeConfig(bn, bk, 1, nw, stages, 16, swap_ab=True))
     for cfg in ranked()[:2]:
-        if fill_split(N, cfg) > 1:
-            time(replace(cfg, split_k=fill_split(N, cfg)))
+        blocks = triton.cdiv(N, cfg.block_n) * triton.cdiv(M, cfg.block_m)
+        split = gemm.decode_split(blocks, triton.cdiv(K, cfg.block_k))
+        if split > 1:  # as the default config splits (one launch, the last program sums)
+            time(replace(cfg, split_k=split))
     if ranked() and M <= 8:
         time(replace(ranked()[0], block_m=8))
     head = f"{name:<5} {model} {layer:<7} M{M} N{N:<5} K{K:<5}"

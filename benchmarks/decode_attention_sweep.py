@@ -2,7 +2,7 @@
 of context (the 8B shape's 128/128 maximum load) and 64 sequences of 2048 (issue 6's target shape).
 Prints time, KV bytes read per second and the fraction of the copy bandwidth, per config.
 
-    python benchmarks/decode_attention_sweep.py [--batches 512,64]
+    python benchmarks/decode_attention_sweep.py [--batches 512,64] [--kv fp8]
 """
 
 import argparse
@@ -17,26 +17,29 @@ SHAPES = {512: (128, 256), 64: (2048, 2048)}  # sequences: (shortest, longest) c
 H, HKV, D, BLOCK = 32, 8, 128, 16  # Llama-3.1-8B's heads; the engine's 16-token blocks
 
 
-def make(batch: int, lo: int, hi: int, seed: int):
+def make(batch: int, lo: int, hi: int, seed: int, kv_dtype: torch.dtype = BF16):
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (batch,), device="cuda", generator=g, dtype=torch.int32)
     per_seq = -(-hi // BLOCK)
-    pool = [torch.randn(batch * per_seq, BLOCK, HKV, D, device="cuda", generator=g, dtype=BF16) for _ in range(2)]
+    pool = [torch.randn(batch * per_seq, BLOCK, HKV, D, device="cuda", generator=g, dtype=BF16).to(kv_dtype)
+            for _ in range(2)]
     tables = torch.randperm(batch * per_seq, device="cuda", generator=g).to(torch.int32).view(batch, per_seq)
     q = torch.randn(batch, H, D, device="cuda", generator=g, dtype=BF16)
-    return (q, *pool, tables, lens), int(lens.sum()) * HKV * D * 2 * 2
+    return (q, *pool, tables, lens), int(lens.sum()) * HKV * D * 2 * pool[0].element_size()
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="512,64")
+    p.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="the KV pool's dtype")
     args = p.parse_args()
+    kv_dtype = BF16 if args.kv == "bf16" else torch.float8_e4m3fn
     copy = measure_ceilings().copy_tbs
-    print(f"# {torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; us, TB/s of KV read, % of copy; "
+    print(f"# {torch.cuda.get_device_name()}, {args.kv} KV: copy {copy:.2f} TB/s; us, TB/s of KV read, % of copy; "
           f"config block_n/warps/stages")
     for batch in (int(b) for b in args.batches.split(",")):
         lo, hi = SHAPES[batch]
-        sets = [make(batch, lo, hi, seed) for seed in range(4)]
+        sets = [make(batch, lo, hi, seed, kv_dtype) for seed in range(4)]
         kv_bytes = sum(b for _, b in sets) / len(sets)
         pool = itertools.cycle([s for s, _ in sets])
         results = []
@@ -49,7 +52,7 @@ def main() -> None:
                 print(f"B{batch} {bn}/{nw}/{ns}: {type(e).__name__}")
                 continue
             results.append((t, cfg))
-        default = attention.DecodeAttnConfig()
+        default = attention.decode_attention_config(kv_dtype.itemsize)
         for t, cfg in sorted(results, key=lambda r: r[0])[:6] + [r for r in results if r[1] == default]:
             tag = " (default)" if cfg == default else ""
             print(f"B{batch} ctx {lo}-{hi}  {cfg.block_n}/{cfg.num_warps}/{cfg.num_stages}{tag:<10} {t * 1e3:7.1f} us "

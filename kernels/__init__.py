@@ -11,10 +11,10 @@ from .gemm_woq import (
     linear_w8a16,
 )
 from .norm import rms_norm
-from .quantize import quantize_rows
+from .quantize import quantize_rows, quantize_tensor
 from .rope import rope_cache, rope_kv_write
 from .sampling import filter_logits
 
 __all__ = ["AwqKPacked", "awq_kpack", "filter_logits", "linear", "linear_awq", "linear_awq_kpacked", "linear_decode",
            "linear_fp8", "linear_prefill", "linear_w8a16", "paged_decode_attention", "paged_prefill_attention",
-           "quantize_fp8", "quantize_rows", "rms_norm", "rope_cache", "rope_kv_write", "silu_mul"]
+           "quantize_fp8", "quantize_rows", "quantize_tensor", "rms_norm", "rope_cache", "rope_kv_write", "silu_mul"]

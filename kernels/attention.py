@@ -143,6 +143,12 @@ def _paged_decode_reduce_kernel(po_ptr, pml_ptr, lens_ptr, o_ptr, v_scale, strid
     tl.store(o_ptr + seq * stride_ot + head * stride_oh + d, o.to(o_ptr.dtype.element_ty))
 
 
+def decode_attention_config(kv_bytes: int) -> DecodeAttnConfig:
+    """fp8 K/V: two warps a program, three stages (H100, `benchmarks/decode_attention_sweep.py --kv fp8`: 1.07x
+    the 128/4/2 it had at 64 sequences of 2048, 1.21x at 512 of 128-256)."""
+    return DecodeAttnConfig(block_n=64, num_warps=2, num_stages=3) if kv_bytes == 1 else DecodeAttnConfig()
+
+
 def decode_partition(num_seqs: int, num_kv_heads: int, max_len: int, block_n: int) -> int:
     """Context tokens per program: split only until about two programs per SM exist."""
     programs = num_seqs * num_kv_heads
@@ -159,8 +165,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     Each program reads one KV head once for all its query heads; long contexts split across programs
     so that small batches still fill the GPU. Every seq_len must be >= 1 (pad a batch with a length-1
     sequence on a scratch block). Pass max_seq_len to avoid a device sync."""
-    # fp8 K/V is widened in registers before the MMA: wider steps keep enough bytes in flight.
-    cfg = config or (DecodeAttnConfig(block_n=128) if k_pool.element_size() == 1 else DecodeAttnConfig())
+    cfg = config or decode_attention_config(k_pool.element_size())
     B, H, D = q.shape
     Hkv, BS = k_pool.shape[2], k_pool.shape[1]
     assert k_pool.stride() == v_pool.stride() and k_pool.stride(-1) == 1 and q.stride(-1) == 1

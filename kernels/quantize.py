@@ -1,6 +1,6 @@
-"""Dynamic per-token (row) quantization to FP8 in one kernel: a row's amax, its scale and its e4m3
-values, where the graph's reference takes five ops (abs, amax, clamp, divide, quantize), each a
-launch of its own in a decode step."""
+"""Activation quantization to FP8 in one kernel each: dynamic per-token (row) scales (a row's amax, its
+scale and its e4m3 values, where the graph's reference takes five ops: abs, amax, clamp, divide,
+quantize), and a calibrated per-tensor scale (divide, clamp and cast, three launches in torch)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,3 +56,33 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, eps: float, bound: float)
     _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), eps_x, bound, BLOCK=block,
                                 num_warps=4 if block <= 1024 else 8, **pdl(x.device, M))
     return q, scale
+
+
+def quantize_tensor_reference(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bound: float,
+                              round_to: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = torch.Tensor.to
+                              ) -> torch.Tensor:
+    """The oracle (ir/ops/quant.py's quant.quantize with one scale): x / scale in f32, saturated, rounded."""
+    return round_to((x.float() / scale.float().reshape(())).clamp(-bound, bound), dtype)
+
+
+@triton.jit
+def _quantize_tensor_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, bound, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    row, offs = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pdl_wait(PDL)
+    s = tl.load(s_ptr).to(tl.float32)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    y = tl.minimum(tl.maximum(x / s, -bound), bound)  # a division, as the reference's
+    tl.store(q_ptr + row.to(tl.int64) * stride_q + offs, y.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bound: float) -> torch.Tensor:
+    """q = saturate(x / scale) in `dtype`, one (calibrated) scale for the whole tensor; q has x's shape."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M, K = x2.shape
+    q = torch.empty((M, K), dtype=dtype, device=x.device)
+    block = min(triton.next_power_of_2(K), 2048)
+    _quantize_tensor_kernel[(M, triton.cdiv(K, block))](x2, q, scale, K, x2.stride(0), q.stride(0), bound,
+                                                        BLOCK=block, num_warps=4, **pdl(x.device, M))
+    return q.view(x.shape)

@@ -253,11 +253,18 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
     calibrate = []
     if config.calibration is not None:
         attach_calibration(graph, config.calibration)
+    elif config.needs_calibration and config.calib_tokens is not None:
+        from .passes import calibrate as calibration
+
+        stream = calibration.token_stream(None, tokens=config.calib_tokens)
+        windows = calibration.calib_windows(stream, config.calib_size, config.calib_seq_len)
+        attach_calibration(graph, calibration.calibrate(graph, windows, device=device, progress=progress,
+                                                        rows=config.calibration_rows))
     elif config.needs_calibration:
         if tokenizer is None:
             raise ValueError(f"{config.pipeline()} needs calibration text, read with the model's tokenizer, and this "
-                             f"model came without one: compile its checkpoint folder, or pass "
-                             f"QuantConfig(..., calibration=kiln.passes.calibrate.calibrate(graph, token_windows))")
+                             f"model came without one: compile its checkpoint folder, or give token ids to calibrate on: "
+                             f"QuantConfig(..., calib_tokens=ids)")
         calibrate = [PassSpec("calibrate", (("tokenizer", tokenizer), ("samples", config.calib_size),
                                             ("length", config.calib_seq_len), ("rows", config.calibration_rows),
                                             ("device", device)))]

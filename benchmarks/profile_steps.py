@@ -80,7 +80,11 @@ def main() -> None:
     p.add_argument("--quant", default=None)
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--steps", type=int, default=4, help="decode steps profiled per batch size")
+    p.add_argument("--decode-before", type=int, default=3,
+                   help="decode steps run before the measured ones (64: contexts grow as in a 128/128 run, and "
+                        "the blocks each sequence gains interleave with the other sequences' in the pool)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0, help="random weights and calibration token ids")
     p.add_argument("--host", type=int, default=0, help="also print the N costliest host functions (cProfile)")
     args = p.parse_args()
 
@@ -88,17 +92,19 @@ def main() -> None:
     from kiln.runtime.config import BuildConfig
     from kiln.runtime.engine import Engine
     from kiln.runtime.sampling import SamplingParams
-    from kiln.tools.bench import make_model
+    from kiln.tools.bench import bench_quant, make_model
 
-    model, source = make_model(args.model, args.device, torch.bfloat16)
+    model, source = make_model(args.model, args.device, torch.bfloat16, args.seed)
     vocab = model.config.vocab_size
-    compiled = kiln_compile(source, target="cuda" if args.device == "cuda" else "reference", quant=args.quant, progress=False)
+    target = "cuda" if args.device == "cuda" else "reference"
+    compiled = kiln_compile(source, target=target, quant=bench_quant(args, vocab), progress=False)
     batches = [int(b) for b in args.batches.split(",")]
+    max_tokens = max(64, args.decode_before + 2 * args.steps + 8)
     engine = Engine(compiled.graph, compiled.executable(), device=compiled.device,
                     build_config=BuildConfig(max_batch_size=max(batches), max_num_tokens=8192,
-                                             max_seq_len=args.prompt + 64))
+                                             max_seq_len=args.prompt + max_tokens))
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     def add(n: int) -> None:
         for ids in torch.randint(0, vocab, (n, args.prompt), generator=gen).tolist():
@@ -143,7 +149,7 @@ def main() -> None:
         add(b)
         while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine.step()
-        for _ in range(3):  # decode graphs of this batch captured, then measured
+        for _ in range(args.decode_before):  # decode graphs of this batch captured (and contexts grown), then measured
             engine.step()
         sync()
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -113,6 +113,10 @@ _SUFFIX = {DType.i8: "int8", DType.i4: "int4", DType.f8e4m3: "fp8"}
 _FP8_MIN_CAPABILITY = (8, 9)
 
 
+_NOT_SAVED = {"calibration", "calib_tokens"}
+"""QuantConfig fields kiln.json does not keep: run-time inputs of calibration."""
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how; invalid combinations fail here, before any work is done."""
@@ -129,6 +133,8 @@ class QuantConfig:
     calib_rows: int = 512               # AWQ (and fp8 with amax_method="mse"): input rows kept per linear
     amax_method: str = "max"            # calibrated e4m3 scales (fp8 activations, fp8 KV): "max" or "mse" (activation_amax)
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
+    calib_tokens: Sequence[int] | torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """A token stream to calibrate on instead of pydoc_data.topics read with the model's tokenizer."""
 
     def __post_init__(self) -> None:
         algo = None if self.quant_algo in (None, "none", "") else QuantAlgo.parse(self.quant_algo)
@@ -182,7 +188,7 @@ class QuantConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The config as kiln.json keeps it (no calibration data)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "calibration"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_SAVED}
         out["quant_algo"] = self.quant_algo.value if self.quant_algo else None
         out["kv_cache_quant_algo"] = self.kv_cache_quant_algo.value if self.kv_cache_quant_algo else None
         out["exclude_modules"] = list(self.exclude_modules)
@@ -190,7 +196,7 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)} - {"calibration"}
+        known = {f.name for f in fields(cls)} - _NOT_SAVED
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

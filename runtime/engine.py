@@ -166,7 +166,7 @@ class Engine:
     def __init__(self, graph: Graph, executable: Callable[..., list[torch.Tensor]], *, tokenizer: Any = None,
                  kv_cache_config: KvCacheConfig | None = None, build_config: BuildConfig | None = None,
                  max_positions: int | None = None, eos_token_ids: Seq[int] = (), device: str = "cpu",
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, progress: bool = True):
         names = [v.name for v in graph.inputs]
         if names[: len(METADATA)] != list(METADATA):
             raise ValueError(f"not a serving graph (inputs {', '.join(names[:8])}...): compile it with the "
@@ -202,6 +202,9 @@ class Engine:
             if overlap is None else overlap
         self._pending: _Pending | None = None
         self._health: Callable[[], None] | None = getattr(executable, "check_health", None)  # raises if broken
+        capture = getattr(executable, "capture_decode", None)  # kiln's cuda backend: its decode graphs, up front
+        if capture is not None and device.startswith("cuda"):
+            capture(self.caches, self.build_config.max_batch_size, progress)
 
     def _pool_blocks(self, num_caches: int, block: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         per_token = num_caches * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

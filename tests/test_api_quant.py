@@ -92,6 +92,15 @@ def test_compile_calibrates_with_the_models_tokenizer_and_the_artifact_loads_bac
     assert torch.equal(_prefill(loaded, TOKENS), _prefill(compiled, TOKENS))
 
 
+def test_a_model_without_tokenizer_calibrates_on_the_token_ids_it_is_given(pydoc_llama, traced):
+    stream = pydoc_tokens(tokenizer_for(pydoc_llama))
+    config = QuantConfig("fp8", calib_tokens=stream.tolist(), **SMALL_CALIB)
+    compiled = api.compile(traced[0], target="reference", quant=config, progress=False)  # a Graph: no tokenizer
+    assert "calib_tokens" not in compiled.quant and compiled.quant == replace(config, calib_tokens=None).to_json()
+    want = _logits(_stateless_quantized(traced[0], replace(config, calibration=traced[1])), TOKENS)
+    torch.testing.assert_close(_prefill(compiled, TOKENS), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fp8_kv_cache_is_e4m3_in_the_serving_graph(traced):
     raw, calibration = traced
     config = QuantConfig(None, "fp8-kv", calibration=calibration)

@@ -218,6 +218,23 @@ def test_an_engine_with_a_pool_of_its_own_does_not_replay_another_pools_graphs()
     assert exe.stats["pools"] == 2 and kept.caches[0].data_ptr() != other.caches[0].data_ptr(), exe.stats
 
 @GPU
+def test_an_engine_captures_its_decode_graphs_before_serving():
+    """Every decode batch bucket up to max_batch_size is captured when the engine starts (at the shortest
+    context bucket), so that no step under load stalls on a capture: serving short requests only replays."""
+    _, exe, graph = both(tiny().cuda(), "cuda")
+    engine = Engine(graph, exe, kv_cache_config=KvCacheConfig(max_tokens=4096), device="cuda", eos_token_ids=[],
+                    build_config=BuildConfig(max_batch_size=40, max_num_tokens=256), progress=False)
+    decode = {s.num_seqs for s in exe.graphs if not isinstance(s, tuple) and s.is_decode}
+    assert decode == {b for b in cuda.BATCH_BUCKETS if b <= 48}, decode
+    captured = exe.stats["captures"]
+    for i, p in enumerate(prompts(40, longest=60, seed=6)):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    assert exe.stats["captures"] == captured and exe.stats["graph_steps"] >= 7, exe.stats
+
+
+@GPU
 def test_overlapped_steps_give_what_synchronous_steps_give():
     """Steps overlapped with the host (the default on a GPU): greedy requests, and unseeded sampled ones
     drawn on the GPU, get the tokens synchronous steps give from the same generator state."""

@@ -21,3 +21,13 @@ def test_bench_reports_kiln_and_the_transformers_baseline(tmp_path, capsys):
     text = out_md.read_text()
     assert "| transformers eager | batch 2, 12/4 |" in text and "kiln " in text.split("transformers eager")[1]
     assert text in capsys.readouterr().out
+
+
+def test_a_random_weight_shape_benches_a_quant_that_calibrates(tmp_path):
+    out_json = tmp_path / "bench.json"
+    code = cli.main(["bench", "tiny-llama", "--target", "reference", "--dtype", "f32", "--quant", "fp8+fp8_kv",
+                     "--batches", "1", "--workloads", "", "--input-len", "8", "--output-len", "3", "--quiet",
+                     "--json", str(out_json)])
+    assert code == 0
+    report = json.loads(out_json.read_text())
+    assert report["quant"] == "fp8+fp8_kv" and report["rows"][0]["tok_s"] > 0

@@ -613,7 +613,9 @@ class DistributedExecutable:
                 raise self.ranks.fail(e) from e
 
     def __getattr__(self, name: str) -> Any:  # what the local backend's executable offers (stats, ...)
-        if name in ("ranks", "local"):
+        # Not capture_decode: rank 0 capturing alone would run the steps' collectives without its peers.
+        # Every rank captures a decode graph when it first meets the step (the same step on all ranks).
+        if name in ("ranks", "local", "capture_decode"):
             raise AttributeError(name)
         return getattr(self.local, name)
 

@@ -554,13 +554,24 @@ def _call(executable: Any, meta: list[torch.Tensor], caches: list[torch.Tensor],
     return executable(*[m.to(device) for m in meta], *caches)
 
 
+def _pool(state: RankState, num_blocks: int) -> list[torch.Tensor]:
+    """A worker's KV caches: rank 0 sized the pool, every rank keeps as many blocks of its own heads."""
+    if not state.caches or state.caches[0].shape[0] != num_blocks:
+        state.caches = [torch.empty((num_blocks, *c.type.shape[1:]), dtype=c.type.dtype.torch, device=state.device)
+                        for c in state.model.graph.inputs[len(SERVING_INPUTS):]]
+    return state.caches
+
+
+def _capture_decode(state: RankState, num_blocks: int, max_batch_size: int, progress: bool) -> int:
+    """Every rank captures the same decode graphs in the same order, so their collectives match."""
+    caches = state.caches if state.rank == 0 else _pool(state, num_blocks)  # rank 0: the Engine's, lent for this call
+    return state.executable.capture_decode(caches, max_batch_size, progress and state.rank == 0)
+
+
 def _run_step(state: RankState, header: list[int], payload: torch.Tensor) -> None:
     graph = state.model.graph
     num_blocks = header[0]
-    caches = graph.inputs[len(SERVING_INPUTS):]
-    if not state.caches or state.caches[0].shape[0] != num_blocks:  # rank 0 sized the pool; every rank has as many blocks
-        state.caches = [torch.empty((num_blocks, *c.type.shape[1:]), dtype=c.type.dtype.torch, device=state.device)
-                        for c in caches]
+    _pool(state, num_blocks)
     meta = _unpack(header, payload, [v.type for v in graph.inputs[: len(SERVING_INPUTS)]])
     fields = header[1 + 2 * len(SERVING_INPUTS):][:STEP_FIELDS + 1]
     if fields[STEP_FIELDS]:  # rank 0's tokens are still on its GPU: they come by broadcast, in stream order
@@ -612,10 +623,24 @@ class DistributedExecutable:
             except Exception as e:
                 raise self.ranks.fail(e) from e
 
+    @property
+    def capture_decode(self) -> Callable[..., int]:
+        """The decode graphs captured on every rank at once (rank 0 alone would run the captures'
+        collectives without its peers); AttributeError where the local backend captures nothing."""
+        if not hasattr(self.local, "capture_decode"):
+            raise AttributeError("capture_decode")
+        return self._capture_decode
+
+    def _capture_decode(self, caches: Sequence[torch.Tensor], max_batch_size: int, progress: bool = True) -> int:
+        state = self.ranks.state
+        state.caches = list(caches)  # rank 0's share of the call reads the Engine's pool
+        try:
+            return self.ranks.call(_capture_decode, caches[0].shape[0], max_batch_size, progress)[0]
+        finally:
+            state.caches = []
+
     def __getattr__(self, name: str) -> Any:  # what the local backend's executable offers (stats, ...)
-        # Not capture_decode: rank 0 capturing alone would run the steps' collectives without its peers.
-        # Every rank captures a decode graph when it first meets the step (the same step on all ranks).
-        if name in ("ranks", "local", "capture_decode"):
+        if name in ("ranks", "local"):
             raise AttributeError(name)
         return getattr(self.local, name)
 

@@ -364,7 +364,8 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUD
 @pytest.mark.parametrize("route", ["auto", "nccl"])
 def test_tensor_parallel_on_two_gpus_gives_one_ranks_tokens(route, monkeypatch):
     """TP=2 with NCCL ranks, decode steps replayed from CUDA graphs that hold the all-reduces (one-shot
-    over symmetric memory or NCCL): the same greedy tokens as one GPU."""
+    over symmetric memory or NCCL), captured on every rank when the engine starts: the same greedy
+    tokens as one GPU."""
     from kiln.runtime.llm import LLM
 
     monkeypatch.setenv("KILN_ALL_REDUCE", route)   # read by each rank's executable (workers inherit it)
@@ -374,14 +375,16 @@ def test_tensor_parallel_on_two_gpus_gives_one_ranks_tokens(route, monkeypatch):
     def run(tp):
         with LLM(compiled, skip_tokenizer_init=True, kv_cache_config=KvCacheConfig(max_tokens=4096),
                  build_config=BuildConfig(max_batch_size=16, max_num_tokens=256), tensor_parallel_size=tp) as llm:
-            outs = llm.generate(ps, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
             exe = llm.parallel.executable if tp > 1 else None
-            facts = (dict(exe.stats), exe.all_reduce.route, ("failed",) in exe.graphs) if exe is not None else None
+            up_front = sorted(s.num_seqs for s in exe.graphs if not isinstance(s, tuple) and s.is_decode) if exe else []
+            outs = llm.generate(ps, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False)
+            facts = (dict(exe.stats), exe.all_reduce.route, ("failed",) in exe.graphs, up_front) if exe else None
             return [o.outputs[0].token_ids for o in outs], facts
 
     one, _ = run(1)
-    two, (stats, used, failed) = run(2)
+    two, (stats, used, failed, up_front) = run(2)
     print(f"\nTP=2 ({route}: {used}): {stats}")
+    assert up_front == [1, 2, 4, 8, 16]   # captured on every rank when the engine started, in the same order
     assert two == one
     assert not failed and stats["graph_steps"] > 0
     if route == "nccl":

@@ -259,7 +259,7 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
         stream = calibration.token_stream(None, tokens=config.calib_tokens)
         windows = calibration.calib_windows(stream, config.calib_size, config.calib_seq_len)
         attach_calibration(graph, calibration.calibrate(graph, windows, device=device, progress=progress,
-                                                        rows=config.calibration_rows))
+                                                        rows=config.calibration_rows, hessian=config.needs_hessian))
     elif config.needs_calibration:
         if tokenizer is None:
             raise ValueError(f"{config.pipeline()} needs calibration text, read with the model's tokenizer, and this "
@@ -267,6 +267,7 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
                              f"QuantConfig(..., calib_tokens=ids)")
         calibrate = [PassSpec("calibrate", (("tokenizer", tokenizer), ("samples", config.calib_size),
                                             ("length", config.calib_seq_len), ("rows", config.calibration_rows),
+                                            *((("hessian", True),) if config.needs_hessian else ()),
                                             ("device", device)))]
     quant = [*calibrate, *parse_pipeline(config.pipeline())]
     with _stage(progress, f"quantizing: {', '.join(map(str, quant))}"):

@@ -4,7 +4,8 @@ on the values quantization needs to know, and keep what they saw:
 - the input of every `llm.linear` with a parameter weight: |x| max per input channel (FP8's static
   activation scales, SmoothQuant's migration, LLM.int8()'s outlier features), mean |x| per channel
   (AWQ's activation statistic), and optionally a sample of whole rows (AWQ's search evaluates the
-  quantized linear's output error on them);
+  quantized linear's output error on them) and the mean of x x^T (`hessian=True`: GPTQ's Hessian,
+  H = 2 X^T X up to a factor, passes/gptq.py);
 - the k and v operands of every `llm.attention`, |x| max per (kv head, head_dim) channel (and the
   sampled rows when asked for): the scales of an FP8 KV cache. They are keyed `k_cache.<i>` /
   `v_cache.<i>` after the i-th attention, the names the kv-cache pass gives the layer's caches.
@@ -34,11 +35,12 @@ from .manager import register_pass, remark
 @dataclass(frozen=True)
 class InputStats:
     """What calibration saw at one observed value, per channel (the last dim; for attention k/v,
-    kv head x head_dim): |x| max, mean |x|, and a sample of rows when asked for."""
+    kv head x head_dim): |x| max, mean |x|, and when asked for a sample of rows and the mean of x x^T."""
 
     channel_amax: torch.Tensor                  # f32[K]
     channel_mean_abs: torch.Tensor | None = None  # f32[K]
     rows: torch.Tensor | None = None            # f32[S, K]
+    gram: torch.Tensor | None = None            # f32[K, K]: mean over rows of x x^T (GPTQ's Hessian / 2)
 
     @property
     def amax(self) -> float:
@@ -48,7 +50,8 @@ class InputStats:
         """The statistics of x / s, s one positive scale per channel (what smoothing does to x)."""
         s = s.float()
         return InputStats(self.channel_amax / s, None if self.channel_mean_abs is None else self.channel_mean_abs / s,
-                          None if self.rows is None else self.rows / s)
+                          None if self.rows is None else self.rows / s,
+                          None if self.gram is None else self.gram / (s[:, None] * s[None, :]))
 
 
 Calibration = dict[str, InputStats]
@@ -140,24 +143,29 @@ def kv_channels(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Observer:
-    """Running |x| max and sum, and sampled rows, of one value over the calibration windows."""
+    """Running |x| max and sum, sampled rows, and the running sum of x x^T (when kept) of one value
+    over the calibration windows."""
 
     amax: torch.Tensor | None = None
     abs_sum: torch.Tensor | None = None
     count: int = 0
     rows: list[torch.Tensor] | None = None
+    gram_sum: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, picks: torch.Tensor | None) -> None:
+    def update(self, x: torch.Tensor, picks: torch.Tensor | None, gram: torch.Tensor | None = None) -> None:
         a = x.detach().abs().float().cpu()
         self.amax = a.amax(0) if self.amax is None else torch.maximum(self.amax, a.amax(0))
         self.abs_sum = a.sum(0, dtype=torch.float64) if self.abs_sum is None else self.abs_sum + a.sum(0)
         self.count += a.shape[0]
         if picks is not None:
             self.rows = (self.rows or []) + [x.detach().float().cpu()[picks]]
+        if gram is not None:
+            self.gram_sum = gram.clone() if self.gram_sum is None else self.gram_sum.add_(gram)
 
     def stats(self) -> InputStats:
         rows = torch.cat(self.rows) if self.rows else None
-        return InputStats(self.amax, (self.abs_sum / self.count).float(), rows)
+        gram = None if self.gram_sum is None else (self.gram_sum / self.count).float()
+        return InputStats(self.amax, (self.abs_sum / self.count).float(), rows, gram)
 
 
 def _feeds(graph: Graph, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -173,10 +181,10 @@ def _feeds(graph: Graph, tokens: torch.Tensor) -> list[torch.Tensor]:
 
 
 def calibrate(graph: Graph, samples: Iterable[torch.Tensor], *, device: str = "cpu", progress: bool = True,
-              rows: int = 0, seed: int = 0) -> Calibration:
+              rows: int = 0, seed: int = 0, hessian: bool = False) -> Calibration:
     """Observe every linear's input and every attention's k/v over `samples` (token windows) on the
     reference interpreter; `rows` > 0 keeps about that many input rows of each linear, drawn
-    evenly from the windows."""
+    evenly from the windows; `hessian` keeps the mean x x^T of each linear's input (GPTQ)."""
     linears, kv = linear_inputs(graph), kv_inputs(graph)
     if not linears:
         raise ValueError(f"@{graph.name} has no llm.linear with a parameter weight to calibrate")
@@ -193,15 +201,24 @@ def calibrate(graph: Graph, samples: Iterable[torch.Tensor], *, device: str = "c
     gen = torch.Generator().manual_seed(seed)
     from tqdm.auto import tqdm
 
-    for window in tqdm(samples, desc="calibrating", unit="sample", disable=not progress):
+    for window in tqdm(samples, desc="calibrating" + (" (with X^T X)" if hessian else ""), unit="sample",
+                       disable=not progress):
         outputs = run(*_feeds(graph, window))
         picks = torch.randperm(len(window), generator=gen)[:per_window].sort().values if per_window else None
+        grams: dict[int, torch.Tensor] = {}   # linears reading one input share its x^T x
         for name, x in zip(names, outputs):
             if name in kv:
                 channels = kv_channels(x)
                 observers[name].update(channels, picks if len(channels) == len(window) else None)
-            else:
-                observers[name].update(x.reshape(-1, x.shape[-1]), picks)
+                continue
+            x = x.reshape(-1, x.shape[-1])
+            gram = None
+            if hessian:
+                if id(linears[name]) not in grams:
+                    xf = x.detach().float()
+                    grams[id(linears[name])] = (xf.t() @ xf).cpu()
+                gram = grams[id(linears[name])]
+            observers[name].update(x, picks, gram)
     return {n: o.stats() for n, o in observers.items()}
 
 
@@ -220,7 +237,7 @@ def perplexity(graph: Graph, windows: Iterable[torch.Tensor], *, device: str = "
 
 # -- files ------------------------------------------------------------------------------------------
 
-_MEAN, _ROWS = "|mean_abs", "|rows"
+_MEAN, _ROWS, _GRAM = "|mean_abs", "|rows", "|gram"
 
 
 def save_calibration(calib: Mapping[str, InputStats], path: str | os.PathLike) -> None:
@@ -234,6 +251,8 @@ def save_calibration(calib: Mapping[str, InputStats], path: str | os.PathLike) -
             tensors[n + _MEAN] = s.channel_mean_abs.contiguous()
         if s.rows is not None:
             tensors[n + _ROWS] = s.rows.contiguous()
+        if s.gram is not None:
+            tensors[n + _GRAM] = s.gram.contiguous()
     save_file(tensors, os.fspath(path))
 
 
@@ -245,8 +264,8 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         raise FileNotFoundError(f"calibration file {os.fspath(path)} does not exist (write one with "
                                 f"kiln.passes.calibrate.save_calibration or calibrate{{save=FILE}})")
     tensors = load_file(os.fspath(path))
-    return {n: InputStats(t, tensors.get(n + _MEAN), tensors.get(n + _ROWS))
-            for n, t in tensors.items() if not n.endswith((_MEAN, _ROWS))}
+    return {n: InputStats(t, tensors.get(n + _MEAN), tensors.get(n + _ROWS), tensors.get(n + _GRAM))
+            for n, t in tensors.items() if not n.endswith((_MEAN, _ROWS, _GRAM))}
 
 
 def token_stream(tokenizer: Any, *, text: str | None = None,
@@ -266,29 +285,33 @@ def token_stream(tokenizer: Any, *, text: str | None = None,
 
 def calibrate_text(graph: Graph, tokenizer: Any, *, samples: int = 16, length: int = 128, text: str | None = None,
                    tokens: Sequence[int] | torch.Tensor | None = None, progress: bool = True, rows: int = 0,
-                   device: str = "cpu") -> Calibration:
+                   device: str = "cpu", hessian: bool = False) -> Calibration:
     """Calibrate on `samples` windows of `length` tokens from the first half of `tokens`, of
     `text`, or (default) of pydoc_data.topics; the second half is left for evaluation."""
     stream = token_stream(tokenizer, text=text, tokens=tokens)
-    return calibrate(graph, calib_windows(stream, samples, length), progress=progress, rows=rows, device=device)
+    return calibrate(graph, calib_windows(stream, samples, length), progress=progress, rows=rows, device=device,
+                     hessian=hessian)
 
 
 def describe(calibration: Calibration) -> str:
     """A one-line summary for remarks and logs."""
     kv = sum(n.startswith(("k_cache.", "v_cache.")) for n in calibration)
     with_rows = [s.rows.shape[0] for s in calibration.values() if s.rows is not None]
+    with_gram = sum(s.gram is not None for s in calibration.values())
     return (f"{len(calibration) - kv} linear inputs and {kv // 2} attentions' k/v observed"
-            + (f", {with_rows[0]} rows kept per linear input" if with_rows else ""))
+            + (f", {with_rows[0]} rows kept per linear input" if with_rows else "")
+            + (f", X^T X kept for {with_gram} linear inputs" if with_gram else ""))
 
 
 @register_pass("calibrate")
 def calibrate_pass(graph: Graph, *, tokenizer: str = "", samples: int = 128, length: int = 256, text: str = "",
-                   rows: int = 0, device: str = "cpu", save: str = "", load: str = "") -> int:
+                   rows: int = 0, hessian: bool = False, device: str = "cpu", save: str = "", load: str = "") -> int:
     """Observe linear inputs and attention k/v over calibration text (pydoc_data.topics by default).
 
     tokenizer: the model (folder, .gguf, or short name) whose tokenizer reads the text; text: a text
-    file instead of pydoc_data.topics; rows: input rows kept per linear (AWQ needs them); save: also
-    write the statistics to this file; load: read statistics from a file instead of running."""
+    file instead of pydoc_data.topics; rows: input rows kept per linear (AWQ needs them); hessian: keep
+    each linear input's mean x x^T (quantize{rounding=gptq} needs it); save: also write the statistics
+    to this file; load: read statistics from a file instead of running."""
     if load:
         calibration = load_calibration(load)
     else:
@@ -303,7 +326,8 @@ def calibrate_pass(graph: Graph, *, tokenizer: str = "", samples: int = 128, len
             with open(text) as f:
                 body = f.read()
         stream = token_stream(tokenizer_for(resolve(tokenizer)), text=body)
-        calibration = calibrate(graph, calib_windows(stream, samples, length), rows=rows, device=device)
+        calibration = calibrate(graph, calib_windows(stream, samples, length), rows=rows, device=device,
+                                hessian=hessian)
     if save:
         save_calibration(calibration, save)
     attach_calibration(graph, calibration)

@@ -48,6 +48,7 @@ from .calibrate import (
     attached_calibration,
     load_calibration,
 )
+from .gptq import WEIGHT_ROUNDINGS, GptqStorage, sweep_source
 from .manager import PassManager, register_pass, remark
 
 
@@ -132,6 +133,7 @@ class QuantConfig:
     calib_seq_len: int = 256            # tokens per calibration window
     calib_rows: int = 512               # AWQ (and fp8 with amax_method="mse"): input rows kept per linear
     amax_method: str = "max"            # calibrated e4m3 scales (fp8 activations, fp8 KV): "max" or "mse" (activation_amax)
+    weight_rounding: str = "nearest"    # weights onto their grid: "nearest", or "gptq" (error-compensating, passes/gptq.py)
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
     calib_tokens: Sequence[int] | torch.Tensor | None = field(default=None, repr=False, compare=False)
     """A token stream to calibrate on instead of pydoc_data.topics read with the model's tokenizer."""
@@ -159,6 +161,12 @@ class QuantConfig:
             raise ValueError(f"int8_threshold must be positive, got {self.int8_threshold}")
         if self.amax_method not in AMAX_METHODS:
             raise ValueError(f"amax_method must be one of {', '.join(AMAX_METHODS)}, got {self.amax_method!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, got {self.weight_rounding!r}")
+        if self.weight_rounding == "gptq" and algo in (None, QuantAlgo.LLM_INT8):
+            raise ValueError(f"weight_rounding='gptq' rounds the weights of the linears' algorithm, and "
+                             f"{'llm.int8 (whose outlier split changes the weight) is' if algo else 'none is given'} "
+                             f"not one it takes: use fp8, fp8-per-channel, w8a8-sq, w4a16-awq, w4a16 or w8a16")
         if self.calib_size < 1 or self.calib_seq_len < 2 or self.calib_rows < 0:
             raise ValueError(f"calibration needs calib_size >= 1 windows of calib_seq_len >= 2 tokens, got "
                              f"{self.calib_size} x {self.calib_seq_len} (calib_rows {self.calib_rows})")
@@ -212,7 +220,12 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         """Whether the algorithms need statistics of real activations."""
         return (self.quant_algo in (QuantAlgo.FP8, QuantAlgo.W8A8_SQ, QuantAlgo.W4A16_AWQ, QuantAlgo.LLM_INT8)
-                or self.kv_cache_quant_algo is QuantAlgo.FP8_KV)
+                or self.kv_cache_quant_algo is QuantAlgo.FP8_KV or self.needs_hessian)
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether calibration must keep each linear input's x^T x (GPTQ's rounding reads it)."""
+        return self.weight_rounding == "gptq"
 
     @property
     def calibration_rows(self) -> int:
@@ -244,6 +257,8 @@ class QuantConfig:
             opts.append(f"threshold={self.int8_threshold}")
         if self.searches_amax:
             opts.append(f"amax={self.amax_method}")
+        if self.weight_rounding != "nearest":
+            opts.append(f"rounding={self.weight_rounding}")
         if self.kv_cache_quant_algo is QuantAlgo.FP8_KV:
             opts.append("kv=fp8")
         steps.append("quantize{" + ",".join(opts) + "}")
@@ -384,8 +399,9 @@ class QuantizedWeight:
 
 
 def quantize_weight(graph: Graph, name: str, storage: Storage, type: TensorType, scheme: Scheme,
-                    config: QuantConfig) -> QuantizedWeight:
-    """Declare the lazily computed parameters that hold `storage` quantized by `scheme`."""
+                    config: QuantConfig, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """Declare the lazily computed parameters that hold `storage` quantized by `scheme`: rounded to
+    nearest, or by GPTQ when the config asks for it and `hessian` (the input's x^T x) is given."""
     dtype = scheme.weight
     if scheme.granularity == "group":
         gs = config.group_size
@@ -403,8 +419,11 @@ def quantize_weight(graph: Graph, name: str, storage: Storage, type: TensorType,
     inputs = [storage, scale_s] + ([zero_s] if zero_s else [])
     attrs = {"dtype": dtype, "axis": axis, "group_size": group}
     held = q_type.with_dtype(DType.i8) if dtype is DType.i4 else q_type   # i4 values are computed unpacked
-    values = graph.add_param(fresh_param(graph, f"{name}.{_SUFFIX[dtype]}"), q_type,
-                             DerivedStorage("quant.quantize", inputs, attrs, held))
+    if config.weight_rounding == "gptq" and hessian is not None:
+        values_s = GptqStorage(sweep_source(storage), scale_s, zero_s, hessian, dtype, axis, group, held)
+    else:
+        values_s = DerivedStorage("quant.quantize", inputs, attrs, held)
+    values = graph.add_param(fresh_param(graph, f"{name}.{_SUFFIX[dtype]}"), q_type, values_s)
     scale = graph.add_param(fresh_param(graph, f"{name}.scale"), scale_t, scale_s)
     zero = graph.add_param(fresh_param(graph, f"{name}.zero"), zero_s.type, zero_s) if zero_s else None
     return QuantizedWeight(values, scale, zero, axis, group)
@@ -477,8 +496,9 @@ def _rewrite(graph: Graph, op: Op, config: QuantConfig, calibration: Calibration
         if op is None:
             return False
         x, w = op.operands[0], op.operands[1]
-    if w.name not in done:  # a weight read by several linears is quantized once
-        done[w.name] = quantize_weight(graph, w.name, w.storage, w.type, scheme, config)
+    if w.name not in done:  # a weight read by several linears is quantized once (GPTQ: with the first one's input)
+        done[w.name] = quantize_weight(graph, w.name, w.storage, w.type, scheme, config, _hessian(op, config,
+                                                                                                  calibration))
     b = Builder(graph, before=op, loc=op.loc)
     if scheme.activation is not None and scheme.per_token:
         x = per_token_qdq(b, x, scheme.activation)
@@ -489,6 +509,29 @@ def _rewrite(graph: Graph, op: Op, config: QuantConfig, calibration: Calibration
     if graph.num_uses(w) == 0 and w not in graph.outputs:
         graph.remove_param(w.name)
     return True
+
+
+def _round_by_gptq(quantized: Mapping[str, QuantizedWeight]) -> None:
+    """Run GPTQ's sweeps now, with progress, rather than silently on first load (they cost seconds per
+    linear; each storage keeps its result)."""
+    from tqdm.auto import tqdm
+
+    sweeps = [q.values.storage for q in quantized.values() if isinstance(q.values.storage, GptqStorage)]
+    for storage in tqdm(sweeps, desc="gptq", unit="linear", leave=False, disable=not sweeps):
+        storage.load()
+
+
+def _hessian(op: Op, config: QuantConfig, calibration: Calibration | None) -> torch.Tensor | None:
+    """The x^T x GPTQ rounds this linear's weight with, or None (rounding to nearest, with a remark)."""
+    if config.weight_rounding != "gptq":
+        return None
+    w = op.operands[1]
+    stats = (calibration or {}).get(w.name)
+    if stats is None or stats.gram is None:
+        remark(f"linear at {op.results[0].ref}{f' ({op.loc})' if op.loc else ''} rounds to nearest, not by GPTQ: the "
+               f"calibration has no X^T X for {w.ref}")
+        return None
+    return stats.gram
 
 
 def quantize_kv_cache(graph: Graph, calibration: Calibration, amax_method: str = "max") -> int:
@@ -519,6 +562,10 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
     calibration = calibration if calibration is not None else config.calibration
     if calibration is None:
         calibration = attached_calibration(graph)
+    if config.needs_hessian and not any(s.gram is not None for s in (calibration or {}).values()):
+        raise ValueError(f"{config.pipeline()} rounds weights by GPTQ, which needs each linear input's X^T X: "
+                         f"calibrate with it first (calibrate{{tokenizer=MODEL,hessian=true}}, "
+                         f"kiln.passes.calibrate.calibrate(..., hessian=True)), or calib=FILE saved from one")
     if config.needs_calibration and config.quant_algo is not QuantAlgo.W8A8_SQ and calibration is None:
         raise ValueError(f"{config.pipeline()} quantizes with calibrated statistics: run the calibrate pass first "
                          f"(calibrate{{tokenizer=MODEL}}), pass calibration= (kiln.passes.calibrate.calibrate), "
@@ -532,6 +579,7 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
                 remark(why)
                 continue
             count += _rewrite(graph, op, config, calibration, quantized)
+        _round_by_gptq(quantized)
     if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
         count += quantize_kv_cache(graph, calibration, config.amax_method)
     return count
@@ -540,10 +588,11 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
 @register_pass("quantize")
 def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_head", calib: str = "",
              group_size: int = 128, zero_point: bool = True, threshold: float = 6.0, kv: str = "",
-             amax: str = "max") -> int:
+             amax: str = "max", rounding: str = "nearest") -> int:
     """Quantize linears (algo=fp8|fp8-per-channel|w8a8-sq|w4a16|w4a16-awq|w8a16|llm.int8|none) and the
     KV cache (kv=fp8); exclude: '|'-separated fnmatch patterns; amax=max|mse: the calibrated e4m3 scales
-    (fp8 activations, kv=fp8) from the observed max or searched on the calibration rows.
+    (fp8 activations, kv=fp8) from the observed max or searched on the calibration rows; rounding=nearest|gptq:
+    weights onto their grid to nearest, or by GPTQ (needs calibrate{hessian=true}).
 
     Calibrated statistics (fp8, llm.int8, kv=fp8) come from the calibrate pass earlier in the
     pipeline, or from calib=FILE (kiln.passes.calibrate.save_calibration)."""
@@ -551,7 +600,7 @@ def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_
         raise ValueError(f"kv={kv!r}: the KV cache quantizes to fp8 (kv=fp8) or not at all")
     config = QuantConfig(algo, QuantAlgo.FP8_KV if kv not in ("", "none") else None, group_size=group_size,
                          exclude_modules=tuple(p for p in exclude.split("|") if p), zero_point=zero_point,
-                         int8_threshold=threshold, amax_method=amax)
+                         int8_threshold=threshold, amax_method=amax, weight_rounding=rounding)
     return quantize_graph(graph, config, load_calibration(calib) if calib else None)
 
 

@@ -4,6 +4,7 @@ lose most when quantized alone.
     kiln eval-ppl smollm2 --quant fp8 --quant w8a8-sq --quant int4_awq --group-size 64
     kiln eval-ppl smollm2 --kv-cache fp8
     kiln eval-ppl smollm2 --quant fp8 --sensitivity --by kind
+    kiln eval-ppl smollm2 --quant w4a16-awq --group-size 64 --rounding nearest --rounding gptq
 
 The text is Python's own pydoc_data.topics (or --text FILE), tokenized once: calibration windows
 come from the first half of the stream and evaluation windows from its end, so the two never
@@ -32,6 +33,7 @@ from ..passes.calibrate import (
     perplexity,
     token_stream,
 )
+from ..passes.gptq import WEIGHT_ROUNDINGS
 from ..passes.manager import run_pipeline
 from ..passes.quantize import QuantAlgo, QuantConfig, apply_quantization
 
@@ -64,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amax", choices=("max", "mse"), default="max",
                    help="calibrated e4m3 scales (fp8 activations, fp8 KV cache): the |x| max, or the bound that rounds "
                         "the calibration rows with least squared error (keeps --calib-rows rows per input)")
+    p.add_argument("--rounding", action="append", choices=WEIGHT_ROUNDINGS, default=[],
+                   help="how weights round onto their grid (repeatable: each --quant with each): nearest (default), "
+                        "or gptq (error-compensating, on each linear input's calibrated X^T X)")
     p.add_argument("--samples", type=int, default=32, help="evaluation windows (default 32)")
     p.add_argument("--length", type=int, default=256, help="tokens per evaluation window (default 256)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
@@ -85,17 +90,19 @@ def configs(args: argparse.Namespace) -> list[QuantConfig]:
     """The configurations the arguments ask for; `-q fp8_kv` is the KV cache alone, `-q fp8+fp8_kv` both."""
     names = list(args.quant) or ([] if args.kv_cache is None else ["none"])
     out = []
-    for name in names:
+    for name, rounding in ((n, r) for n in names for r in (args.rounding or ["nearest"])):
         short = None if name.strip() == "none" else QuantConfig.of(name)   # kiln.compile's own short forms
         algo, kv = (None, None) if short is None else (short.quant_algo, short.kv_cache_quant_algo)
         if args.kv_cache == "fp8":
             kv = QuantAlgo.FP8_KV
-        out.append(QuantConfig(algo, kv, group_size=args.group_size,
-                               smoothquant_val=args.alpha, int8_threshold=args.threshold,
-                               exclude_modules=tuple(p for p in args.exclude.split("|") if p),
-                               zero_point=not args.symmetric, calib_size=args.calib_samples,
-                               calib_seq_len=args.calib_length, calib_rows=args.calib_rows,
-                               amax_method=args.amax))
+        config = QuantConfig(algo, kv, group_size=args.group_size,
+                             smoothquant_val=args.alpha, int8_threshold=args.threshold,
+                             exclude_modules=tuple(p for p in args.exclude.split("|") if p),
+                             zero_point=not args.symmetric, calib_size=args.calib_samples,
+                             calib_seq_len=args.calib_length, calib_rows=args.calib_rows,
+                             amax_method=args.amax, weight_rounding=rounding if algo else "nearest")
+        if config not in out:   # the KV cache alone has no weights to round either way
+            out.append(config)
     return out
 
 
@@ -103,6 +110,8 @@ def label(config: QuantConfig) -> str:
     parts = [config.quant_algo.value] if config.quant_algo else []
     if config.quant_algo in (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ):
         parts[0] += f" g{config.group_size}"
+    if config.weight_rounding != "nearest":
+        parts[0] += f" {config.weight_rounding}"
     if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
         parts.append("fp8 kv")
     return " + ".join(parts)
@@ -134,7 +143,8 @@ def evaluate(graph: Graph, tokenizer: Any, quant: list[QuantConfig], *, samples:
             raise ValueError("the configurations to compare must share one calibration (calib_size, calib_seq_len)")
         rows = max(c.calibration_rows for c in needs)
         windows = calib_windows(stream, first.calib_size, first.calib_seq_len)
-        calibration = calibrate(graph, windows, device=device, progress=progress, rows=rows)
+        calibration = calibrate(graph, windows, device=device, progress=progress, rows=rows,
+                                hessian=any(c.needs_hessian for c in needs))
     rows_out: list[Row] = []
     if baseline:
         start = time.perf_counter()

@@ -254,12 +254,11 @@ def _quantized_pipeline(graph: Graph, specs: list[PassSpec], config: Any, target
     if config.calibration is not None:
         attach_calibration(graph, config.calibration)
     elif config.needs_calibration and config.calib_tokens is not None:
-        from .passes import calibrate as calibration
+        from .passes.calibrate import calibrate_text
 
-        stream = calibration.token_stream(None, tokens=config.calib_tokens)
-        windows = calibration.calib_windows(stream, config.calib_size, config.calib_seq_len)
-        attach_calibration(graph, calibration.calibrate(graph, windows, device=device, progress=progress,
-                                                        rows=config.calibration_rows, hessian=config.needs_hessian))
+        attach_calibration(graph, calibrate_text(graph, None, tokens=config.calib_tokens, samples=config.calib_size,
+                                                 length=config.calib_seq_len, rows=config.calibration_rows,
+                                                 hessian=config.needs_hessian, progress=progress, device=device))
     elif config.needs_calibration:
         if tokenizer is None:
             raise ValueError(f"{config.pipeline()} needs calibration text, read with the model's tokenizer, and this "

@@ -949,6 +949,14 @@ def _linear_w8a16(e: Emitter, op: Op, x, wq, w_scale):
     return e.cast(e.node("Mul", acc, e.cast(w_scale, st.dtype, DType.f32)), DType.f32, xt.dtype)
 
 
+@lowering("quant.embedding")
+def _quantized_embedding(e: Emitter, op: Op, table, scale, ids):
+    tt, st = op.operands[0].type, op.operands[1].type
+    rows = e.cast(e.node("Gather", table, ids, axis=0), tt.dtype, DType.f32)
+    scales = e.node("Unsqueeze", e.node("Gather", e.cast(scale, st.dtype, DType.f32), ids, axis=0), e.i64([-1]))
+    return e.cast(e.node("Mul", rows, scales), DType.f32, st.dtype)
+
+
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 

@@ -18,6 +18,7 @@ from ..ir.graph import Graph, Op, Value
 from ..ir.types import DType, TensorType, dim_add
 from .manager import register_pass, remark
 from .pattern import P, Var
+from .quantized_linear import requantized_rows
 
 METADATA = ("slot_mapping", "block_tables", "context_lens", "query_start", "logits_indices")
 SERVING_INPUTS = ("tokens", "positions", *METADATA)
@@ -151,7 +152,8 @@ def _select_rows(graph: Graph, head: Op, chain: list[Op], indices: Value) -> Non
     x = head.operands[0]
     rows = x.type.rank - 2
     b = Builder(graph, before=head, loc=head.loc)
-    picked = b.core.gather(x, indices, dim=rows)
+    source, requantize = requantized_rows(graph, x) or (x, lambda _, v: v)   # a quantized lm_head: rows first
+    picked = requantize(b, b.core.gather(source, indices, dim=rows))
     logits = b.llm.linear(picked, *head.operands[1:])
     tokens, n = x.type.shape[rows], indices.type.shape[0]
     for op in reversed([o for o in chain if o.name != "core.reshape"]):

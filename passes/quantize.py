@@ -110,6 +110,15 @@ SCHEMES: dict[QuantAlgo, Scheme] = {
 }
 """How each algorithm quantizes a linear (LLM.int8() applies its scheme to the inlier part)."""
 
+LM_HEAD_ALGOS = (QuantAlgo.W8A16, QuantAlgo.W4A16, QuantAlgo.FP8_PER_CHANNEL, QuantAlgo.FP8)
+"""What `QuantConfig.lm_head` may be: algorithms that need nothing but the weight (and, for fp8, the
+calibrated |x| max of the lm_head's input); smoothing and AWQ fold scales into a norm the lm_head
+does not own alone."""
+LM_HEAD_PATTERNS = ("lm_head", "*.lm_head")
+EMBEDDING_FORMATS = ("int8",)
+"""What `QuantConfig.embedding` may be (None keeps the table float): int8 with one scale per row."""
+EMBEDDING_SCHEME = Scheme(DType.i8, "channel", None)
+
 _SUFFIX = {DType.i8: "int8", DType.i4: "int4", DType.f8e4m3: "fp8"}
 _FP8_MIN_CAPABILITY = (8, 9)
 
@@ -134,6 +143,8 @@ class QuantConfig:
     calib_rows: int = 512               # AWQ (and fp8 with amax_method="mse"): input rows kept per linear
     amax_method: str = "max"            # calibrated e4m3 scales (fp8 activations, fp8 KV): "max" or "mse" (activation_amax)
     weight_rounding: str = "nearest"    # weights onto their grid: "nearest", or "gptq" (error-compensating, passes/gptq.py)
+    embedding: str | None = "int8"      # the token table, when quant_algo is given: "int8" (a scale per row) or None
+    lm_head: QuantAlgo | str | None = None  # the lm_head's own algorithm (LM_HEAD_ALGOS); None: float, or as exclude says
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
     calib_tokens: Sequence[int] | torch.Tensor | None = field(default=None, repr=False, compare=False)
     """A token stream to calibrate on instead of pydoc_data.topics read with the model's tokenizer."""
@@ -144,12 +155,22 @@ class QuantConfig:
         object.__setattr__(self, "quant_algo", algo)
         object.__setattr__(self, "kv_cache_quant_algo", kv)
         object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        head = None if self.lm_head in (None, "none", "") else QuantAlgo.parse(self.lm_head)
+        object.__setattr__(self, "lm_head", head)
+        embedding = None if self.embedding in (None, "none", "", "float") else str(self.embedding).lower()
+        object.__setattr__(self, "embedding", embedding)
+        if head is not None and head not in LM_HEAD_ALGOS:
+            raise ValueError(f"lm_head={head.value!r}: the lm_head takes {', '.join(a.value for a in LM_HEAD_ALGOS)} "
+                             f"(SmoothQuant and AWQ fold scales into the final norm, which it does not own alone)")
+        if embedding is not None and embedding not in EMBEDDING_FORMATS:
+            raise ValueError(f"embedding={self.embedding!r}: the token table is kept as int8 (one scale per row) "
+                             f"or float (None)")
         if algo is QuantAlgo.FP8_KV:
             raise ValueError("fp8-kv is a kv_cache_quant_algo, not a quant_algo for linears: "
                              "QuantConfig(kv_cache_quant_algo='fp8-kv'), or quant='fp8_kv'")
         if kv is not None and kv is not QuantAlgo.FP8_KV:
             raise ValueError(f"kv_cache_quant_algo must be fp8-kv (or None), got {kv.value}")
-        if algo is None and kv is None:
+        if algo is None and kv is None and head is None:
             raise ValueError("QuantConfig quantizes nothing: give a quant_algo, a kv_cache_quant_algo, or both")
         if algo in (QuantAlgo.W4A16, QuantAlgo.W4A16_AWQ) and (
                 self.group_size < 32 or self.group_size & (self.group_size - 1)):
@@ -174,17 +195,22 @@ class QuantConfig:
     # -- short forms and files ----------------------------------------------------------------------
 
     @classmethod
-    def of(cls, quant: str | QuantConfig | Mapping[str, Any]) -> QuantConfig:
+    def of(cls, quant: str | QuantConfig | Mapping[str, Any], **defaults: Any) -> QuantConfig:
         """A QuantConfig from what a user wrote: one, its JSON dict, or a short form such as "fp8",
-        "int4_awq", "fp8_kv" or "fp8+fp8_kv" (linears and KV cache)."""
+        "int4_awq", "fp8_kv", "fp8+fp8_kv" (linears and KV cache) or "w4a16+lm_head=w8a16+group_size=64"
+        (any field as key=value); `defaults` fill the fields a short form does not set."""
         if isinstance(quant, QuantConfig):
             return quant
         if isinstance(quant, Mapping):
             return cls.from_json(quant)
         if not isinstance(quant, str):
             raise TypeError(f"quant must be a short name such as 'fp8' or a QuantConfig, got {type(quant).__name__}")
-        algo, kv = None, None
+        algo, kv, options = None, None, {}
         for part in (p for p in quant.split("+") if p.strip()):
+            if "=" in part:
+                key, value = (t.strip() for t in part.split("=", 1))
+                options[key.replace("-", "_")] = _option(key.replace("-", "_"), value)
+                continue
             a = QuantAlgo.parse(part)
             if a is QuantAlgo.FP8_KV:
                 kv = a
@@ -192,7 +218,7 @@ class QuantConfig:
                 raise ValueError(f"quant={quant!r} names two algorithms for the linears ({algo.value}, {a.value})")
             else:
                 algo = a
-        return cls(algo, kv)
+        return cls(algo, kv, **{**defaults, **options})
 
     def to_json(self) -> dict[str, Any]:
         """The config as kiln.json keeps it (no calibration data)."""
@@ -200,6 +226,7 @@ class QuantConfig:
         out["quant_algo"] = self.quant_algo.value if self.quant_algo else None
         out["kv_cache_quant_algo"] = self.kv_cache_quant_algo.value if self.kv_cache_quant_algo else None
         out["exclude_modules"] = list(self.exclude_modules)
+        out["lm_head"] = self.lm_head.value if self.lm_head else None
         return out
 
     @classmethod
@@ -261,14 +288,23 @@ class QuantConfig:
             opts.append(f"rounding={self.weight_rounding}")
         if self.kv_cache_quant_algo is QuantAlgo.FP8_KV:
             opts.append("kv=fp8")
+        if self.embedding != "int8":
+            opts.append(f"embedding={self.embedding or 'none'}")
+        if self.lm_head is not None:
+            opts.append(f"lm_head={self.lm_head.value}")
         steps.append("quantize{" + ",".join(opts) + "}")
         return ",".join(steps)
 
     def excludes(self, op: Op) -> str | None:
-        """The exclude pattern that matches this linear (by weight name or loc), if any."""
-        w = op.operands[1].name
-        names = [w, w.removesuffix(".weight"), op.loc or ""]
-        return next((p for p in self.exclude_modules if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+        """The exclude pattern that matches this linear or table (by weight name or loc), if any; an
+        lm_head with an algorithm of its own (`lm_head`) is not excluded."""
+        if self.lm_head is not None and _matches(op, LM_HEAD_PATTERNS):
+            return None
+        return _matches(op, self.exclude_modules)
+
+    def algo_for(self, op: Op) -> QuantAlgo | None:
+        """The algorithm this linear takes: the lm_head's own, or the linears'."""
+        return self.lm_head if self.lm_head is not None and _matches(op, LM_HEAD_PATTERNS) else self.quant_algo
 
     # -- checks before any work ---------------------------------------------------------------------
 
@@ -285,9 +321,13 @@ class QuantConfig:
     def check_graph(self, graph: Graph) -> None:
         """Fail before calibration when the graph's linears cannot take this config (an int4 group
         size that does not divide in_features, a packing that needs out_features % 8)."""
-        if self.scheme is None or self.scheme.granularity != "group":
+        def grouped(op: Op) -> bool:
+            algo = self.algo_for(op)
+            return algo is not None and SCHEMES[algo].granularity == "group"
+        candidates = [op for op in _linears(graph)
+                      if grouped(op) and _skip_reason(op, self, check_calibration=False) is None]
+        if not candidates:
             return
-        candidates = [op for op in _linears(graph) if _skip_reason(op, self, check_calibration=False) is None]
         bad = [op for op in candidates if op.operands[1].type.shape[1] % self.group_size
                or op.operands[1].type.shape[0] % 8]
         if bad:
@@ -299,6 +339,33 @@ class QuantConfig:
                              f"{bad[0].loc or bad[0].operands[1].name} is [{n}, {k}] (int4 groups need in_features % "
                              f"group_size == 0, in_features here: {ks}; AutoAWQ's packing needs out_features % 8 "
                              f"== 0){hint}")
+
+
+def _matches(op: Op, patterns: Sequence[str]) -> str | None:
+    """The first fnmatch pattern naming op's weight (operand 1 of a linear, 0 of a lookup), its module or loc."""
+    w = op.operands[0 if op.name == "llm.embedding" else 1].name
+    names = [w, w.removesuffix(".weight"), op.loc or ""]
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+
+
+def _option(key: str, text: str) -> Any:
+    """A `key=value` part of a short form (`"w4a16+lm_head=w8a16+group_size=64"`) as the field's type."""
+    found = {f.name: f for f in fields(QuantConfig) if f.name not in _NOT_SAVED | {"quant_algo", "kv_cache_quant_algo"}}
+    if key not in found:
+        raise ValueError(f"unknown option {key!r} in a quant short form; known: {', '.join(sorted(found))}")
+    default = found[key].default
+    if text.lower() in ("none", ""):
+        return None
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key}={text!r}: give true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r}: give a number") from None
+    return tuple(p for p in text.split("|") if p) if isinstance(default, tuple) else text
 
 
 def _linears(graph: Graph) -> list[Op]:
@@ -479,7 +546,7 @@ def _skip_reason(op: Op, config: QuantConfig, calibration: Calibration | None = 
     pattern = config.excludes(op)
     if pattern is not None:
         return f"{where} is not quantized: excluded by {pattern!r}"
-    calibrated = config.quant_algo in (QuantAlgo.FP8, QuantAlgo.LLM_INT8)
+    calibrated = config.algo_for(op) in (QuantAlgo.FP8, QuantAlgo.LLM_INT8)
     if check_calibration and calibrated and w.name not in (calibration or {}):
         return f"{where} is not quantized: the calibration has no input statistics for {w.ref}"
     return None
@@ -487,9 +554,10 @@ def _skip_reason(op: Op, config: QuantConfig, calibration: Calibration | None = 
 
 def _rewrite(graph: Graph, op: Op, config: QuantConfig, calibration: Calibration | None,
              done: dict[str, QuantizedWeight]) -> bool:
-    scheme = config.scheme
+    algo = config.algo_for(op)
+    scheme = SCHEMES[algo]
     x, w = op.operands[0], op.operands[1]
-    if config.quant_algo is QuantAlgo.LLM_INT8:
+    if algo is QuantAlgo.LLM_INT8:
         from .llm_int8 import split_outliers
 
         op = split_outliers(graph, op, calibration[w.name], config.int8_threshold)
@@ -534,6 +602,55 @@ def _hessian(op: Op, config: QuantConfig, calibration: Calibration | None) -> to
     return stats.gram
 
 
+def _shares_rows(q: QuantizedWeight, table: TensorType) -> bool:
+    """Whether a quantized weight is also a quantized table: 8-bit values with one scale per row."""
+    return (q.axis == 0 and q.group_size is None and q.values.type.dtype in (DType.i8, DType.f8e4m3)
+            and q.scale.type.shape == (table.shape[0],))
+
+
+def quantize_embeddings(graph: Graph, config: QuantConfig, quantized: dict[str, QuantizedWeight]) -> int:
+    """Store every looked-up table as int8 with one scale per row (`fuse-quantized-linear` makes the lookup
+    quant.embedding, which dequantizes only the rows it reads). A table tied to a quantized lm_head of 8-bit
+    rows shares its values and scales; one tied to a float lm_head stays float (an int8 copy would add memory)."""
+    count = 0
+    for op in [o for o in graph.ops if o.name == "llm.embedding"]:
+        table = op.operands[0]
+        where = f"lookup at {op.results[0].ref}" + (f" ({op.loc})" if op.loc else "")
+        if not table.is_param or table.storage is None:
+            continue   # computed (a checkpoint's own quantized table, dequantized) or without data
+        if table.name in quantized and _shares_rows(quantized[table.name], table.type):
+            q = quantized[table.name]
+        else:
+            why = _table_skip_reason(graph, op, config)
+            if why is not None:
+                remark(f"{where} keeps a float table: {why}")
+                continue
+            q = quantize_weight(graph, table.name, table.storage, table.type, EMBEDDING_SCHEME, config)
+            quantized[table.name] = q
+        b = Builder(graph, before=op, loc=op.loc)
+        graph.set_operands(op, (q.dequantize(b), *op.operands[1:]))
+        if graph.num_uses(table) == 0 and table not in graph.outputs:
+            graph.remove_param(table.name)
+        count += 1
+    return count
+
+
+def _table_skip_reason(graph: Graph, op: Op, config: QuantConfig) -> str | None:
+    table = op.operands[0]
+    if not table.type.dtype.is_float or table.type.dtype in _FP8_MAX:
+        return f"{table.ref} is {table.type.dtype}, not a 16/32-bit float"
+    if not table.type.is_static or table.type.rank != 2:
+        return f"{table.ref} is {table.type}, not a static [vocab, hidden] matrix"
+    pattern = _matches(op, config.exclude_modules)
+    if pattern is not None:
+        return f"excluded by {pattern!r}"
+    others = [u for u in graph.users(table) if u.name != "llm.embedding"]
+    if others:
+        return (f"{table.ref} is also read by {others[0].name} at {others[0].results[0].ref} (a tied lm_head, kept "
+                f"float), and an int8 copy beside it would add memory; lm_head='w8a16' quantizes both as one")
+    return None
+
+
 def quantize_kv_cache(graph: Graph, calibration: Calibration, amax_method: str = "max") -> int:
     """Put the k and v of every llm.attention through e4m3 with a calibrated scale per tensor
     (amax / 448, amax as activation_amax bounds it): what an FP8 cache stores and reads back.
@@ -556,8 +673,8 @@ def quantize_kv_cache(graph: Graph, calibration: Calibration, amax_method: str =
 
 
 def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration | None = None) -> int:
-    """Quantize every eligible linear (and the KV cache) of `graph` in place; returns how many
-    linears and attentions were quantized. Calibration comes from the argument, the config, or
+    """Quantize every eligible linear (and the tables, and the KV cache) of `graph` in place; returns how
+    many linears, lookups and attentions were quantized. Calibration comes from the argument, the config, or
     the one the calibrate pass attached to the graph."""
     calibration = calibration if calibration is not None else config.calibration
     if calibration is None:
@@ -572,14 +689,17 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
                          f"or calib=FILE to the quantize pass")
     config.check_graph(graph)
     count, quantized = 0, {}
-    if config.quant_algo is not None:
-        for op in _linears(graph):
-            why = _skip_reason(op, config, calibration)
-            if why is not None:
-                remark(why)
-                continue
-            count += _rewrite(graph, op, config, calibration, quantized)
-        _round_by_gptq(quantized)
+    for op in _linears(graph):
+        if config.algo_for(op) is None:
+            continue
+        why = _skip_reason(op, config, calibration)
+        if why is not None:
+            remark(why)
+            continue
+        count += _rewrite(graph, op, config, calibration, quantized)
+    _round_by_gptq(quantized)
+    if config.quant_algo is not None and config.embedding is not None:
+        count += quantize_embeddings(graph, config, quantized)
     if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
         count += quantize_kv_cache(graph, calibration, config.amax_method)
     return count
@@ -588,11 +708,12 @@ def quantize_graph(graph: Graph, config: QuantConfig, calibration: Calibration |
 @register_pass("quantize")
 def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_head", calib: str = "",
              group_size: int = 128, zero_point: bool = True, threshold: float = 6.0, kv: str = "",
-             amax: str = "max", rounding: str = "nearest") -> int:
+             amax: str = "max", rounding: str = "nearest", embedding: str = "int8", lm_head: str = "") -> int:
     """Quantize linears (algo=fp8|fp8-per-channel|w8a8-sq|w4a16|w4a16-awq|w8a16|llm.int8|none) and the
     KV cache (kv=fp8); exclude: '|'-separated fnmatch patterns; amax=max|mse: the calibrated e4m3 scales
     (fp8 activations, kv=fp8) from the observed max or searched on the calibration rows; rounding=nearest|gptq:
-    weights onto their grid to nearest, or by GPTQ (needs calibrate{hessian=true}).
+    weights onto their grid to nearest, or by GPTQ (needs calibrate{hessian=true}); embedding=int8|none: the
+    looked-up tables (with algo); lm_head=ALGO: the lm_head's own algorithm (w8a16, w4a16, fp8-per-channel, fp8).
 
     Calibrated statistics (fp8, llm.int8, kv=fp8) come from the calibrate pass earlier in the
     pipeline, or from calib=FILE (kiln.passes.calibrate.save_calibration)."""
@@ -600,7 +721,8 @@ def quantize(graph: Graph, *, algo: str = "w8a16", exclude: str = "lm_head|*.lm_
         raise ValueError(f"kv={kv!r}: the KV cache quantizes to fp8 (kv=fp8) or not at all")
     config = QuantConfig(algo, QuantAlgo.FP8_KV if kv not in ("", "none") else None, group_size=group_size,
                          exclude_modules=tuple(p for p in exclude.split("|") if p), zero_point=zero_point,
-                         int8_threshold=threshold, amax_method=amax, weight_rounding=rounding)
+                         int8_threshold=threshold, amax_method=amax, weight_rounding=rounding, embedding=embedding,
+                         lm_head=lm_head or None)
     return quantize_graph(graph, config, load_calibration(calib) if calib else None)
 
 

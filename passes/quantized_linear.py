@@ -7,6 +7,7 @@ into the quantized linears of ir/ops/quant.py, in the operand layouts of kiln's 
                                                                    -> quant.linear_fp8(quantize(x, @xs), @w.fp8, @xs, @ws)
     linear(reshape(dequantize(quantize(rows, %s){axis=0}, %s)), dequantize(@w.fp8|@w.int8, @ws){axis=0})
                                                                    -> reshape(quant.linear_fp8|linear_int8(quantize(rows, %s), @w, %s, @ws))
+    embedding(dequantize(@t.int8|@t.fp8, @s){axis=0}, %ids)        -> quant.embedding(@t.int8|@t.fp8, @s, %ids)
 
 AutoAWQ's layout (qweight int32 [K, N/8], qzeros int32 [K/G, N/8], scales [K/G, N]) is computed
 lazily from the int4 parameters (a checkpoint's own AutoAWQ tensors come back untouched). A bias
@@ -16,9 +17,11 @@ targets whose backends lower these ops (reference, cuda); onnx and trt keep Q/DQ
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Value
-from ..ir.ops.quant import AwqPackedStorage
+from ..ir.ops.quant import TINY_AMAX, AwqPackedStorage, per_token_qdq, qmax, static_qdq
 from ..ir.storage import DerivedStorage
 from ..ir.types import DType, TensorType
 from .manager import register_pass
@@ -142,6 +145,30 @@ _ROW_SCALE = P("core.div", P("core.clamp", P("core.amax", P("core.abs", Var("row
                P("core.constant", name="bound"), name="scale")
 
 
+_REQUANT_ROWS = P("quant.dequantize", P("quant.quantize", Var("rows"), _ROW_SCALE, name="xq"), Var("scale"))
+_REQUANT_TOKEN = OneOf(P("core.reshape", _REQUANT_ROWS, name="back"), _REQUANT_ROWS)
+
+
+def requantized_rows(graph: Graph, x: Value) -> tuple[Value, Callable[[Builder, Value], Value]] | None:
+    """x as the quantize pass's quantize-dequantize of some h, row by row (per token at run time, or with one
+    calibrated scale): h, and what redoes it on rows of h. A pass that keeps some rows of x (the kv-cache pass's
+    logits rows) takes them from h instead, so the linear after still sees the Q/DQ it fuses with."""
+    found = next(_REQUANT_TOKEN.match(graph, x, {}), None)
+    m = Match(graph, x, found) if found is not None else None
+    if m is not None and _rows_ok(Match(graph, m.xq, found)):   # the quantize as the root: as the fusion checks it
+        dtype, rows = m.op("xq").attrs["dtype"], m.rows
+        h = rows.op.operands[0] if "back" in m and rows.op is not None and rows.op.name == "core.reshape" else rows
+        rebuilt = (m.op("bound").attrs["value"] == qmax(dtype) and m.op("floor").attrs["min"] == TINY_AMAX)
+        if h.type == x.type and rebuilt:
+            return h, lambda b, v: per_token_qdq(b, v, dtype)
+    found = next(_X_STATIC.match(graph, x, {}), None)
+    m = Match(graph, x, found) if found is not None else None
+    if m is not None and m.xs.type.shape == () and m.op("xq").attrs["axis"] is None and len(m.op("xq").operands) == 2:
+        dtype = m.op("xq").attrs["dtype"]
+        return m.x, lambda b, v: static_qdq(b, v, m.xs, dtype)
+    return None
+
+
 def _rows_ok(m: Match) -> bool:
     q, amax, floor, bound = m.root.op.attrs, m.op("amax").attrs, m.op("floor").attrs, m.op("bound").attrs
     return (m.rows.type.rank == 2 and len(m.root.op.operands) == 2 and q["axis"] in (0, -2) and q["group_size"] is None
@@ -157,6 +184,18 @@ def _quantize_rows(m: Match, b: Builder) -> Value:
     return q
 
 
+def _table_ok(m: Match) -> bool:
+    return _weight_ok(m, m.wq.type.dtype, per_channel_only=True) and m.wq.type.dtype in (DType.i8, DType.f8e4m3)
+
+
+def _table(m: Match, b: Builder) -> Value:
+    return b.quant.embedding(m.wq, m.ws, m.ids)
+
+
+QUANTIZED_TABLE_RULES = RuleSet(Rule("embedding-int8", P("llm.embedding", _W, Var("ids")), _table, where=_table_ok))
+"""A lookup in a table quantized per row reads its rows only, dequantized as they are read."""
+
+
 DYNAMIC_QUANT_RULES = RuleSet(Rule("quantize-rows", P("quant.quantize", Var("rows"), _ROW_SCALE), _quantize_rows,
                                    where=_rows_ok))
 """Run after the linear rules, which match the plain quantize."""
@@ -164,10 +203,10 @@ DYNAMIC_QUANT_RULES = RuleSet(Rule("quantize-rows", P("quant.quantize", Var("row
 
 @register_pass("fuse-quantized-linear")
 def fuse_quantized_linear(graph: Graph) -> int:
-    """Q/DQ around llm.linear -> quant.linear_fp8 / linear_int8 / linear_w8a16 / linear_awq; a run-time
-    per-token scale and its quantize -> quant.quantize_rows."""
+    """Q/DQ around llm.linear -> quant.linear_fp8 / linear_int8 / linear_w8a16 / linear_awq; a lookup in a
+    dequantized table -> quant.embedding; a run-time per-token scale and its quantize -> quant.quantize_rows."""
     weights = {v.name for op in graph.ops if op.name == "quant.dequantize" for v in op.operands if v.is_param}
-    count = apply_greedily(graph, QUANTIZED_LINEAR_RULES, explain=True)
+    count = apply_greedily(graph, QUANTIZED_LINEAR_RULES + QUANTIZED_TABLE_RULES, explain=True)
     count += apply_greedily(graph, DYNAMIC_QUANT_RULES, explain=True)
     for name in weights:  # the int4 values, scales and zero points now held in AutoAWQ's layout
         if name in graph.params and graph.num_uses(graph.params[name]) == 0:

@@ -195,9 +195,16 @@ def _feature_axes(shape: tuple[Dim, ...], n: int, k: int, k_major: bool) -> tupl
 
 _tokens = Var("tokens", where=lambda v: v.is_input and v.name == "tokens")
 _views = ("core.reshape", "core.cast")
-TOKEN_EMBEDDING = P("llm.embedding", Var("table", where=lambda v: v.is_param),
-                    OneOf(_tokens, P(_views, _tokens), P(_views, P(_views, _tokens))))
-"""The lookup of the token ids (not a position table), vocab-parallel."""
+def _made_of_params(v: Value) -> bool:
+    return v.is_param or (v.op is not None and v.op.opdef.is_pure and all(map(_made_of_params, v.op.operands)))
+
+
+_token_ids = OneOf(_tokens, P(_views, _tokens), P(_views, P(_views, _tokens)))
+TOKEN_EMBEDDING = OneOf(P("llm.embedding", Var("table", where=_made_of_params), _token_ids),
+                        P("quant.embedding", Var("table", where=lambda v: v.is_param),
+                          Var("scale", where=lambda v: v.is_param), _token_ids))
+"""The lookup of the token ids (not a position table), vocab-parallel: a float table (or one dequantized
+from parameters), or a quantized table and its row scales."""
 _head = P(None, Var("x"), variadic=True, name="head", where=lambda m: linear_form(m.root.op) is not None)
 LM_HEAD = OneOf(P("core.reshape", _head), _head)
 """The linear whose output, reshaped, is the graph's output: the logits."""
@@ -261,7 +268,7 @@ class _Sharder:
                 self._plan_attention(op)
             elif op.name in ACTIVATIONS:
                 self._plan_activation(op)
-            elif next(TOKEN_EMBEDDING.match_op(g, op, {}), None) is not None:
+            elif op.results and next(TOKEN_EMBEDDING.match(g, op.results[0], {}), None) is not None:
                 self.embeddings.add(op)
         out = g.outputs[0] if len(g.outputs) == 1 else None
         found = next(LM_HEAD.match(g, out, {}), None) if out is not None else None
@@ -576,7 +583,7 @@ class _Sharder:
         if v.is_param:
             return self._take(v, dim, segs, pad)
         op = v.op
-        if op is not None and len(op.results) == 1 and op.operands and self._is_weight(v):
+        if op is not None and len(op.results) == 1 and op.operands and _made_of_params(v):
             rule = row_rule(op.name, op.attrs, [o.type for o in op.operands], v.type, dim)
             if rule is not None and all(e is None or all(x % e[1] == 0 for s in (*segs, (0, pad)) for x in s)
                                         for e in rule):
@@ -593,11 +600,6 @@ class _Sharder:
 
     def _localize(self, v: Value, split: Split, before: Op) -> Value:
         return self._cut(v, split.axis, split.segments, before)
-
-    def _is_weight(self, v: Value) -> bool:
-        if v.is_param:
-            return True
-        return v.op is not None and v.op.opdef.is_pure and all(self._is_weight(o) for o in v.op.operands)
 
     def _take(self, p: Value, dim: int, segs: Segments, pad: int = 0) -> Value:
         """A new parameter holding the rows `segs` of `dim` of p (then `pad` rows of zeros), read
@@ -624,7 +626,7 @@ class _Sharder:
     # -- the vocabulary -----------------------------------------------------------------------------
 
     def _embedding(self, op: Op) -> None:
-        table, ids = op.operands
+        table, ids = op.operands[0], op.operands[-1]
         vocab = table.type.shape[0]
         (start, end), _ = vocab_shard(vocab, self.tp, self.rank)
         b = Builder(self.graph, before=op, loc=op.loc)
@@ -634,7 +636,11 @@ class _Sharder:
         below = b.core.lt(ids, b.constant(end, dtype)) if end < vocab else None
         inside = b.core.logical_and(above, below) if above is not None and below is not None else above or below
         local = b.core.where(inside, b.core.sub(ids, lo) if lo is not None else ids, b.constant(0, dtype))
-        rows = b.llm.embedding(self._take(table, 0, ((start, end),)), local)
+        mine = ((start, end),)
+        if op.name == "quant.embedding":
+            rows = b.quant.embedding(self._take(table, 0, mine), self._take(op.operands[1], 0, mine), local)
+        else:
+            rows = b.llm.embedding(self._cut(table, 0, mine, op), local)
         mask = b.core.reshape(inside, shape=[*ids.type.shape, 1])
         out = b.dist.all_reduce(b.core.where(mask, rows, b.constant(0, rows.type.dtype)))
         self.graph.replace_all_uses(op.results[0], out)

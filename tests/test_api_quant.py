@@ -66,7 +66,10 @@ TOKENS = torch.randint(3, 123, (20,), generator=torch.Generator().manual_seed(1)
 ])
 def test_compile_quantized_serves_what_the_quantized_stateless_graph_computes(traced, quant, fused):
     raw, calibration = traced
-    config = QuantConfig(QuantConfig.of(quant).quant_algo, group_size=32, int8_threshold=3.0, calibration=calibration)
+    # llm.int8's int8 activations turn the serving graph's other f32 summation order into a flipped rounding
+    # or two once the token table is int8 too (1e-3 in the logits): that case keeps the table float
+    config = QuantConfig(QuantConfig.of(quant).quant_algo, group_size=32, int8_threshold=3.0, calibration=calibration,
+                         embedding=None if quant == "llm.int8" else "int8")
     compiled = api.compile(raw, target="reference", quant=config, progress=False)
     assert compiled.graph.op_counts()[fused] == 8                                 # 2 layers x 4 (merged) linears
     assert compiled.quant == config.to_json()

@@ -15,6 +15,7 @@ same passes `kiln.compile` runs (calibration, smooth / awq, quantize, fuse-quant
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import re
 import sys
@@ -35,7 +36,7 @@ from ..passes.calibrate import (
 )
 from ..passes.gptq import WEIGHT_ROUNDINGS
 from ..passes.manager import run_pipeline
-from ..passes.quantize import QuantAlgo, QuantConfig, apply_quantization
+from ..passes.quantize import LM_HEAD_PATTERNS, QuantAlgo, QuantConfig, apply_quantization
 
 
 @dataclass
@@ -91,16 +92,15 @@ def configs(args: argparse.Namespace) -> list[QuantConfig]:
     names = list(args.quant) or ([] if args.kv_cache is None else ["none"])
     out = []
     for name, rounding in ((n, r) for n in names for r in (args.rounding or ["nearest"])):
-        short = None if name.strip() == "none" else QuantConfig.of(name)   # kiln.compile's own short forms
-        algo, kv = (None, None) if short is None else (short.quant_algo, short.kv_cache_quant_algo)
+        options = dict(group_size=args.group_size, smoothquant_val=args.alpha, int8_threshold=args.threshold,
+                       exclude_modules=tuple(p for p in args.exclude.split("|") if p), zero_point=not args.symmetric,
+                       calib_size=args.calib_samples, calib_seq_len=args.calib_length, calib_rows=args.calib_rows,
+                       amax_method=args.amax, weight_rounding=rounding)
         if args.kv_cache == "fp8":
-            kv = QuantAlgo.FP8_KV
-        config = QuantConfig(algo, kv, group_size=args.group_size,
-                             smoothquant_val=args.alpha, int8_threshold=args.threshold,
-                             exclude_modules=tuple(p for p in args.exclude.split("|") if p),
-                             zero_point=not args.symmetric, calib_size=args.calib_samples,
-                             calib_seq_len=args.calib_length, calib_rows=args.calib_rows,
-                             amax_method=args.amax, weight_rounding=rounding if algo else "nearest")
+            name = "fp8_kv" if name.strip() == "none" else f"{name}+fp8_kv"
+        if QuantConfig.of(name).quant_algo is None:
+            options["weight_rounding"] = "nearest"   # the KV cache alone has no weights to round
+        config = QuantConfig.of(name, **options)   # kiln.compile's own short forms; their key=value parts win
         if config not in out:   # the KV cache alone has no weights to round either way
             out.append(config)
     return out
@@ -112,6 +112,10 @@ def label(config: QuantConfig) -> str:
         parts[0] += f" g{config.group_size}"
     if config.weight_rounding != "nearest":
         parts[0] += f" {config.weight_rounding}"
+    if config.lm_head is not None:
+        parts.append(f"lm_head {config.lm_head.value}")
+    if config.quant_algo is not None and config.embedding is None:
+        parts.append("float table")
     if config.kv_cache_quant_algo is QuantAlgo.FP8_KV:
         parts.append("fp8 kv")
     return " + ".join(parts)
@@ -181,11 +185,17 @@ def sensitivity_units(graph: Graph, config: QuantConfig, by: str) -> dict[str, l
     weight by a scaled one (`...weight.awq`), so that the other units stay excluded after those passes."""
     import glob
 
-    from ..passes.quantize import _linears, _skip_reason
+    from ..passes.quantize import _skip_reason, _table_skip_reason
 
     units: dict[str, list[str]] = {}
-    for op in _linears(graph):
-        if _skip_reason(op, config, check_calibration=False) is not None:
+    for op in graph.ops:
+        if op.name == "llm.embedding":  # the token table is a unit of its own (default: int8 rows)
+            table = op.operands[0]
+            if (config.quant_algo is not None and config.embedding is not None and table.is_param
+                    and _table_skip_reason(graph, op, config) is None):
+                units.setdefault(op.loc or table.name, []).append(glob.escape(op.loc or table.name))
+            continue
+        if op.name != "llm.linear" or _skip_reason(op, config, check_calibration=False) is not None:
             continue
         w = op.operands[1].name
         module = op.loc or w
@@ -212,7 +222,8 @@ def sensitivity(graph: Graph, config: QuantConfig, calibration: Calibration | No
     rows = []
     for name, patterns in tqdm(units.items(), desc="sensitivity", unit=by, disable=not progress):
         keep = tuple(p for p in everything if p not in patterns)
-        one = replace(config, exclude_modules=config.exclude_modules + keep)
+        head = any(fnmatch.fnmatchcase(p, h) for p in patterns for h in LM_HEAD_PATTERNS)
+        one = replace(config, exclude_modules=config.exclude_modules + keep, lm_head=config.lm_head if head else None)
         start = time.perf_counter()
         g, count = quantized_graph(graph, one, calibration)
         rows.append(Row(name, perplexity(g, windows, device=device), time.perf_counter() - start, count))

@@ -320,6 +320,30 @@ def linear_awq(x, qweight, qzeros, scales):
     return (x.float() @ w.float()).to(x.dtype)
 
 
+def _embedding(table: TensorType, scale: TensorType, ids: TensorType) -> TensorType:
+    if table.dtype not in (DType.i8, DType.f8e4m3) or table.rank != 2:
+        raise OpError(f"table must be i8 or f8e4m3 [vocab, hidden], got {table}")
+    if not scale.dtype.is_float or scale.dtype in _FP8_MAX or scale.shape != (table.shape[0],):
+        raise OpError(f"scale must be a float [{table.shape[0]}] (one per row of the table), got {scale}")
+    if ids.dtype not in (DType.i32, DType.i64):
+        raise OpError(f"token ids must be i32 or i64, got {ids}")
+    return TensorType(scale.dtype, (*ids.shape, table.shape[1]))
+
+
+def _embedding_cost(operands, results, attrs, bindings) -> tuple[int, int]:
+    rows = results[0].numel(bindings) // results[0].shape[-1] if isinstance(results[0].shape[-1], int) else 0
+    return results[0].numel(bindings), results[0].nbytes(bindings) * 2 + rows * 4
+
+
+@op("quant.embedding", infer=_embedding, cost=_embedding_cost)
+def embedding(table, scale, ids):
+    """Rows of a quantized table with one scale per row, dequantized as they are looked up:
+    llm.embedding(quant.dequantize(table, scale){axis=0}, ids) without the whole table in float."""
+    idx = ids.long()
+    rows = table.view(torch.uint8)[idx].view(table.dtype).float()   # as bytes: not every device indexes e4m3
+    return (rows * scale.float()[idx].unsqueeze(-1)).to(scale.dtype)
+
+
 # -- the Q/DQ spellings of quantized activations (built by the quantize pass and the frontends) -----
 
 TINY_AMAX = 1e-6   # the floor of a token's amax, so that an all-zero token does not divide by zero

@@ -166,6 +166,7 @@ def test_quantized_graphs_match_the_reference_semantics(algo, fused, calibrated,
     assert quantize_with(q, algo, calib, **({"group_size": 32} if algo == "w4a16" else {})) > 0
     if fused:
         run_pipeline(q, "fuse-quantized-linear")
+        assert q.op_counts()["quant.embedding"] == 1   # the int8 token table, looked up row by row
     ids, pos = tokens(9)
     (got,), exported = ort_run(q, tmp_path / "q.onnx", ids, pos)
     torch.testing.assert_close(got, reference.run(q, ids, pos)[0], atol=1e-5, rtol=0)

@@ -60,6 +60,7 @@ CASES = {
     "quant.linear_fp8": ([f8e4m3["T", 16], f8e4m3[8, 16], f32["T"], f32[8]], {"out_dtype": DType.bf16}),
     "quant.linear_int8": ([i8["T", 16], i8[8, 16], f32[()], f32[8]], {"out_dtype": DType.f32}),
     "quant.linear_w8a16": ([bf16["T", 16], i8[8, 16], bf16[8]], {}),
+    "quant.embedding": ([i8[16, 8], bf16[16], i32["T"]], {}),
     "quant.linear_awq": ([f32["T", 64], i32[64, 2], i32[2, 2], f32[2, 16]], {}),
     "quant.quantize_rows": ([bf16["T", 16]], {"dtype": DType.f8e4m3, "eps": 1e-6, "bound": 448.0}),
     # ops first needed by the ONNX frontend

@@ -1,6 +1,6 @@
 """The quant dialect's exact semantics: quantize/dequantize against torch's own casts (e4m3
 saturation at +-448, round half to even for ints, i4 packing low nibble first), AutoAWQ's int32
-packing against the kernels' own, the fused quantized linears against the kernels' reference
+packing against the kernels' own, the fused quantized linears and the quantized lookup against the kernels' reference
 functions, and the FP8 KV cache of llm.paged_attention against the attention kernels' reference."""
 
 import pytest
@@ -14,6 +14,7 @@ from kiln.ir import (
     TensorType,
     f8e4m3,
     f32,
+    i4,
     i8,
     i32,
 )
@@ -174,6 +175,40 @@ def test_linear_awq_equals_dequantize_then_linear(gen):
     sv, zv = b.param("s", storage=TensorStorage(s)), b.param("z", storage=TensorStorage(z))
     y = b.llm.linear(xv, b.quant.dequantize(qv, sv, zv, axis=1, group_size=g))
     torch.testing.assert_close(fused, reference.run(b.build(y), x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+def test_embedding_equals_dequantize_then_lookup(gen, dtype):
+    """quant.embedding reads only the looked-up rows, and gives what dequantizing the whole table would."""
+    vocab, hidden = 37, 24
+    table = (torch.randn(vocab, hidden, generator=gen) * 40).clamp(-127, 127)
+    table = table.round().to(dtype) if dtype == torch.int8 else table.to(dtype)
+    scale = (torch.rand(vocab, generator=gen) / 50 + 1e-3).to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (3, 5), generator=gen, dtype=torch.int32)
+    ids[0, 0], ids[-1, -1] = 0, vocab - 1
+    fused = _run(lambda b, *v: b.quant.embedding(*v), [table, scale, ids])
+    b = Builder()
+    tv = b.param("t", TensorType(DType.from_torch(dtype), (vocab, hidden)), TensorStorage(table))
+    sv, iv = b.param("s", storage=TensorStorage(scale)), b.input("ids", TensorType(DType.i32, (3, 5)))
+    want = reference.run(b.build(b.llm.embedding(b.quant.dequantize(tv, sv, axis=0), iv)), ids)[0]
+    assert fused.dtype == torch.bfloat16 and fused.shape == (3, 5, hidden) and torch.equal(fused, want)
+    assert torch.equal(fused, (table.float() * scale.float()[:, None]).to(torch.bfloat16)[ids.long()])
+
+
+@pytest.mark.parametrize("types, message", [
+    ([i8[10, 4], f32[10], i32["T"]], None),
+    ([i4[10, 4], f32[10], i32["T"]], r"table must be i8 or f8e4m3"),
+    ([i8[10, 4], f32[4], i32["T"]], r"scale must be a float \[10\]"),
+    ([i8[10, 4], f32[10], f32["T"]], "token ids must be i32 or i64"),
+])
+def test_embedding_type_inference(types, message):
+    b = Builder()
+    args = [b.input(f"x{i}", t) for i, t in enumerate(types)]
+    if message is None:
+        assert b.create("quant.embedding", *args).results[0].type == f32["T", 4]
+        return
+    with pytest.raises(OpError, match=message):
+        b.create("quant.embedding", *args)
 
 
 @pytest.mark.parametrize("op, types, message", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kiln.backends import reference
-from kiln.ir import parse, print_graph
+from kiln.ir import TensorStorage, parse, print_graph
 from kiln.passes.kv_cache import ServingGraphError
 from kiln.passes.manager import PassError, run_pipeline
 
@@ -180,3 +180,30 @@ def test_paged_decode_matches_transformers_generate(smollm2):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)
         assert got == out[0, len(prompt):].tolist(), tokenizer.decode(prompt)
+
+
+@pytest.mark.parametrize("algo", ["fp8-per-channel", "fp8", "w8a8-sq"])
+def test_a_quantized_lm_head_gets_its_rows_before_its_activation_qdq(algo):
+    """The logits rows are taken before the lm_head input's quantize-dequantize (which is redone on them), so
+    the fusion still sees Q/DQ + linear and the lm_head stays an 8-bit GEMM in the serving graph."""
+    from kiln.passes.calibrate import InputStats
+    from kiln.passes.quantize import quantize_with
+
+    graph = parse(ir(BEFORE))
+    g = torch.Generator().manual_seed(0)
+    for p in graph.params.values():
+        p.storage = TensorStorage(torch.randn(p.type.concrete({}), generator=g))
+    quantize_with(graph, algo, {"head": InputStats(torch.full((8,), 3.0))}, exclude_modules=("wq", "wk", "wv"))
+    stateless = graph.clone()
+    run_pipeline(graph, "kv-cache{block=4},canonicalize,cse,dce")
+    text = print_graph(graph)
+    gather = text.index("core.gather(")
+    assert gather < text.index("quant.quantize(")   # rows first, then their Q/DQ
+    run_pipeline(graph, "fuse-quantized-linear,dce")
+    fused = "quant.linear_int8" if algo == "w8a8-sq" else "quant.linear_fp8"
+    assert graph.op_counts()[fused] == 1 and "llm.linear(" not in print_graph(graph).split("core.gather(")[1]
+    n = 7
+    tokens, positions = torch.randint(0, 9, (n,), generator=g, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
+    want = reference.run(stateless, tokens, positions)[0]
+    got = reference.run(graph, tokens, positions, *single_sequence_inputs(n, 4, 5))[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

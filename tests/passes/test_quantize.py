@@ -214,18 +214,88 @@ def test_shared_weight_stays_and_computed_weight_is_skipped_with_a_remark():
         }
         """)
     g = _graph(text)
-    pm = PassManager("quantize")
+    pm = PassManager("quantize{embedding=none}")
     pm.run(g)
     assert (pm.records[0].changes, pm.records[0].remarks) == (
         1, ["linear at %3 is not quantized: its weight %2 is computed, not a parameter"])
     assert "@emb.weight : f32[16,8]" in print_graph(g) and "@emb.weight.int8 : i8[16,8]" in print_graph(g)
     assert "llm.embedding(@emb.weight, %tokens)" in print_graph(g)
     again = io.StringIO()
-    run_pipeline(g, "quantize", print_after_all=True, print_changed=True, stream=again)
+    run_pipeline(g, "quantize{embedding=none}", print_after_all=True, print_changed=True, stream=again)
     assert again.getvalue() == (
-        "// quantize: no change\n"
+        "// quantize{embedding=none}: no change\n"
         "//   linear at %1 is not quantized: its weight %4 is computed, not a parameter\n"
         "//   linear at %3 is not quantized: its weight %2 is computed, not a parameter\n")
+
+
+TABLE = ir("""
+    param @emb.weight : f32[16,8]
+    param @fc.weight : f32[8,8]
+    param @lm_head.weight : f32[16,8]
+    func @main(%tokens: i32[T]) -> (f32[T,16]) {
+      %0 = llm.embedding(@emb.weight, %tokens) : f32[T,8]
+      %1 = llm.linear(%0, @fc.weight) : f32[T,8]
+      %2 = llm.linear(%1, @lm_head.weight) : f32[T,16]
+      return %2
+    }
+    """)
+
+
+def test_the_token_table_is_int8_per_row_and_its_lookup_reads_rows_only():
+    before = _graph(TABLE)
+    table = before.params["emb.weight"].storage.load()
+    after = before.clone()
+    run_pipeline(after, "quantize{algo=w8a16}")
+    assert print_graph(after) == ir("""
+        param @lm_head.weight : f32[16,8]
+        param @fc.weight.int8 : i8[8,8]
+        param @fc.weight.scale : f32[8]
+        param @emb.weight.int8 : i8[16,8]
+        param @emb.weight.scale : f32[16]
+        func @main(%tokens: i32[T]) -> (f32[T,16]) {
+          %4 = quant.dequantize(@emb.weight.int8, @emb.weight.scale) {axis=0} : f32[16,8]
+          %0 = llm.embedding(%4, %tokens) : f32[T,8]
+          %3 = quant.dequantize(@fc.weight.int8, @fc.weight.scale) {axis=0} : f32[8,8]
+          %1 = llm.linear(%0, %3) : f32[T,8]
+          %2 = llm.linear(%1, @lm_head.weight) : f32[T,16]
+          return %2
+        }
+        """)
+    scale = table.abs().amax(1) / 127      # symmetric int8 per row, round half to even
+    assert torch.equal(after.params["emb.weight.int8"].storage.load(), torch.round(table / scale[:, None]).to(torch.int8))
+    fused = after.clone()
+    run_pipeline(fused, "fuse-quantized-linear,dce")
+    assert "quant.embedding(@emb.weight.int8, @emb.weight.scale, %tokens) : f32[T,8]" in print_graph(fused)
+    ids = torch.tensor([0, 15, 3, 3, 9], dtype=torch.int32)
+    torch.testing.assert_close(_run(fused, ids), _run(after, ids), atol=1e-5, rtol=1e-5)   # f32 sums in another order
+    assert (_run(after, ids) - _run(before, ids)).norm() < 0.02 * _run(before, ids).norm()
+    kept = before.clone()
+    run_pipeline(kept, "quantize{algo=w8a16,embedding=none}")
+    assert "llm.embedding(@emb.weight, %tokens)" in print_graph(kept)
+
+
+@pytest.mark.parametrize("lm_head, params", [
+    ("", {"emb.weight": "f32[16,8]"}),                                        # float head: the table stays float
+    ("w8a16", {"emb.weight.int8": "i8[16,8]", "emb.weight.scale": "f32[16]"}),  # one int8 tensor for both
+    ("fp8-per-channel", {"emb.weight.fp8": "f8e4m3[16,8]", "emb.weight.scale": "f32[16]"}),
+    ("w4a16", {"emb.weight.int4": "i4[16,8]", "emb.weight.scale": "f32[16,1]", "emb.weight.zero": "i8[16,1]",
+               "emb.weight.int8": "i8[16,8]", "emb.weight.scale.1": "f32[16]"}),   # int4 rows cannot be looked up
+])
+def test_a_table_tied_to_the_lm_head(lm_head, params):
+    tied = _graph(TABLE.replace("param @lm_head.weight : f32[16,8]\n", "")
+                  .replace("@lm_head.weight) : f32[T,16]", '@emb.weight) : f32[T,16] loc("lm_head")'))
+    pm = PassManager(f"quantize{{algo=w8a16,group_size=8,lm_head={lm_head}}}")
+    after = pm.run(tied.clone())
+    assert {n: str(p.type) for n, p in after.params.items() if n.startswith("emb")} == params
+    if not lm_head:
+        assert pm.records[0].remarks[-1] == (
+            "lookup at %0 keeps a float table: @emb.weight is also read by llm.linear at %2 (a tied lm_head, kept "
+            "float), and an int8 copy beside it would add memory; lm_head='w8a16' quantizes both as one")
+    ids = torch.tensor([1, 14, 7], dtype=torch.int32)
+    fused = after.clone()
+    run_pipeline(fused, "fuse-quantized-linear,dce")
+    torch.testing.assert_close(_run(fused, ids), _run(after, ids), atol=1e-4, rtol=1e-4)
+    assert (_run(fused, ids) - _run(tied, ids)).norm() < 0.15 * _run(tied, ids).norm()   # int4 rows: ~10%
 
 
 @pytest.mark.parametrize("exclude, kept", [
@@ -281,6 +351,19 @@ def test_short_forms(short, algo, kv):
     assert QuantConfig.from_json(config.to_json()) == config
 
 
+def test_short_forms_carry_options():
+    config = QuantConfig.of("w4a16+lm_head=w8a16+embedding=none+group_size=64+zero_point=false+exclude_modules=a|b")
+    assert config == QuantConfig("w4a16", lm_head=QuantAlgo.W8A16, embedding=None, group_size=64, zero_point=False,
+                                 exclude_modules=("a", "b"))
+    assert QuantConfig.from_json(config.to_json()) == config
+    assert config.pipeline() == ("quantize{algo=w4a16,exclude=a|b,group_size=64,zero_point=false,embedding=none,"
+                                 "lm_head=w8a16}")
+    with pytest.raises(ValueError, match="unknown option 'lm_head_algo' in a quant short form; known: amax_method"):
+        QuantConfig.of("fp8+lm-head-algo=w8a16")
+    with pytest.raises(ValueError, match="group_size='big': give a number"):
+        QuantConfig.of("w4a16+group_size=big")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"quant_algo": QuantAlgo.FP8_KV}, "fp8-kv is a kv_cache_quant_algo"),
     ({"quant_algo": None}, "quantizes nothing"),
@@ -288,6 +371,8 @@ def test_short_forms(short, algo, kv):
     ({"quant_algo": "int4_awq", "group_size": 96}, "group_size must be a power of two of at least 32"),
     ({"quant_algo": "w8a8-sq", "smoothquant_val": 1.5}, r"alpha\) must be in \[0, 1\]"),
     ({"quant_algo": "llm.int8", "int8_threshold": 0}, "int8_threshold must be positive"),
+    ({"quant_algo": "fp8", "lm_head": "int4_awq"}, "the lm_head takes w8a16, w4a16, fp8-per-channel, fp8 "),
+    ({"quant_algo": "fp8", "embedding": "fp8"}, "the token table is kept as int8"),
 ])
 def test_configs_that_cannot_work_fail_at_once(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -448,7 +533,7 @@ def test_calibrate_records_per_channel_input_amax_and_feeds_the_pass(tmp_path):
     assert loaded.keys() == calib.keys() and all(torch.equal(loaded[n].channel_amax, calib[n].channel_amax) for n in calib)
     by_pipeline, by_python = g.clone(), g.clone()
     run_pipeline(by_pipeline, f"quantize{{algo=fp8,calib={tmp_path / 'calib.safetensors'}}}")
-    assert quantize_with(by_python, "fp8", calib) == 2
+    assert quantize_with(by_python, "fp8", calib) == 3   # two linears and the table
     assert print_graph(by_pipeline) == print_graph(by_python)
     assert torch.equal(interpreter.run(by_pipeline, windows[1].int())[0], interpreter.run(by_python, windows[1].int())[0])
 

@@ -295,6 +295,11 @@ def test_quantized_weights_shard_with_their_scales(ranks, algo, fused, tmp_path)
     o = next(op for name, op in weights.items() if "o_proj" in name)
     w_scale = (lambda op: op.operands[-1].type.shape) if fused else (lambda op: op.operands[1].type.shape)
     assert qkv.operands[1 if fused else 0].type.shape == (64, 48) and o.operands[1 if fused else 0].type.shape == (48, 32)
+    # the int8 token table and its row scales: the rank's 64 of 128 rows, looked up in place (not computed whole)
+    table = {n: p.type for n, p in rank0.params.items() if "embed_tokens" in n}
+    assert table == {"model.embed_tokens.weight.int8": TensorType("i8", (64, 48)),
+                     "model.embed_tokens.weight.scale": TensorType("f32", (64,))}
+    assert rank0.op_counts()["quant.embedding" if fused else "llm.embedding"] == 1
     if algo == "fp8":   # one scale per tensor: the same on every rank
         assert w_scale(qkv) == () and w_scale(o) == ()
     else:               # per output channel: the rank's rows of the column-parallel, all of the row-parallel

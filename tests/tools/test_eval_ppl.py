@@ -39,7 +39,7 @@ def test_eval_ppl_reports_float_and_quantized_perplexity(pydoc_llama, capsys, tm
     for name, cells in rows.items():
         if name != "f32":
             ppl = float(cells[0])
-            assert cells[1] == f"{100 * (ppl / base - 1):+.2f}%" and cells[2] == "10"   # 8 linears + 2 attentions
+            assert cells[1] == f"{100 * (ppl / base - 1):+.2f}%" and cells[2] == "11"   # 8 linears + the table + 2 attentions
     saved = json.loads(report.read_text())
     assert [r["name"] for r in saved["rows"]] == list(rows) and math.isclose(saved["rows"][0]["perplexity"], base,
                                                                              rel_tol=1e-9)
@@ -51,7 +51,7 @@ def test_sensitivity_ranks_units_quantized_one_at_a_time(pydoc_llama, capsys):
     out = capsys.readouterr().out
     table = out.split("# sensitivity: w4a16 g32 on one kind at a time, the rest float")[1]
     ranked = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| model")]
-    assert sorted(ranked) == ["model.layers.*.mlp.down_proj", "model.layers.*.mlp.gate_proj",
+    assert sorted(ranked) == ["model.embed_tokens", "model.layers.*.mlp.down_proj", "model.layers.*.mlp.gate_proj",
                               "model.layers.*.self_attn.o_proj", "model.layers.*.self_attn.q_proj"]
     ppls = [float(line.split("|")[2]) for line in table.splitlines() if line.startswith("| model")]
     assert ppls == sorted(ppls, reverse=True)
@@ -65,16 +65,18 @@ def test_sensitivity_keeps_the_other_units_float_after_awq_renames_weights(pydoc
                      "--by", "kind", "--calib-rows", "48", *SMALL, "--json", str(report)]) == 0
     capsys.readouterr()
     units = json.loads(report.read_text())["sensitivity"]
-    assert sorted(u["name"] for u in units) == ["model.layers.*.mlp.down_proj", "model.layers.*.mlp.gate_proj",
-                                                "model.layers.*.self_attn.o_proj", "model.layers.*.self_attn.q_proj"]
-    assert [u["quantized"] for u in units] == [2, 2, 2, 2]      # one linear of each of the 2 layers
+    assert sorted(u["name"] for u in units) == ["model.embed_tokens", "model.layers.*.mlp.down_proj",
+                                                "model.layers.*.mlp.gate_proj", "model.layers.*.self_attn.o_proj",
+                                                "model.layers.*.self_attn.q_proj"]
+    # one linear of each of the 2 layers, or the int8 token table
+    assert {u["name"]: u["quantized"] for u in units} == {n["name"]: 1 if "embed" in n["name"] else 2 for n in units}
 
 
 def test_eval_ppl_compares_the_kv_cache_alone_with_linears_and_kv(pydoc_llama, capsys):
     assert cli.main(["eval-ppl", str(pydoc_llama), "-q", "fp8_kv", "-q", "w8a16+fp8_kv", "-q", "w8a16", *SMALL]) == 0
     rows = _rows(capsys.readouterr().out)
     assert list(rows) == ["f32", "fp8 kv", "w8a16 + fp8 kv", "w8a16"]
-    assert [cells[2] for cells in list(rows.values())[1:]] == ["2", "10", "8"]   # attentions, both, linears
+    assert [cells[2] for cells in list(rows.values())[1:]] == ["2", "11", "9"]   # attentions, both, linears + table
 
 
 def test_eval_ppl_refuses_a_group_size_that_does_not_fit_before_calibrating(pydoc_llama, capsys):

@@ -17,6 +17,7 @@ CUDA graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -337,6 +338,15 @@ def plan_slots(graph: Graph) -> tuple[dict[int, int], list[tuple[int, ...]]]:
     return slots, [tuple(f) for f in frees]
 
 
+def _tensors(w: Any) -> list[torch.Tensor]:
+    """The tensors a weight is held in: itself, or a kernel form's fields (kernels.AwqKPacked)."""
+    if isinstance(w, torch.Tensor):
+        return [w]
+    if dataclasses.is_dataclass(w):
+        return [v for f in dataclasses.fields(w) if isinstance(v := getattr(w, f.name), torch.Tensor)]
+    return []
+
+
 class CudaExecutable:
     """A serving graph bound to kernels and device weights; call it as the engine calls any backend.
 
@@ -389,6 +399,13 @@ class CudaExecutable:
         self._graph_caches: tuple = ()  # the KV pool the graphs were captured on (addresses, shapes, dtypes)
         self.stats = {"eager_steps": 0, "graph_steps": 0, "captures": 0, "capture_s": 0.0, "pools": 0}
         self.released = False
+
+    @property
+    def weight_bytes(self) -> int:
+        """Device bytes of the weights in their kernels' forms (and of what was computed from them at load); a
+        tensor two parameters share counts once."""
+        tensors = [t for w in self.template for t in _tensors(w)]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def _reform_weights(self, graph: Graph, slots: dict[int, int]) -> None:
         """Weights in their kernels' forms (WEIGHT_FORMS); the stored forms are let go."""

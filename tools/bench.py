@@ -60,6 +60,7 @@ class Report:
     compile_s: dict[str, float] = field(default_factory=dict)
     peak_memory_gib: float | None = None
     weights_gib: float | None = None
+    model_gib: float | None = None    # the model's parameters in --dtype, which weights_gib compares with
     gpu_idle_fraction: float | None = None
     engine: dict[str, Any] = field(default_factory=dict)
     tensor_parallel: dict[str, float] = field(default_factory=dict)
@@ -69,7 +70,7 @@ class Report:
         lines = [f"# kiln bench: {self.model}, target {self.target}, quant {self.quant or 'none'}",
                  "", f"- device: {self.device}",
                  "- compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.compile_s.items()),
-                 f"- weights in GPU memory: {_fmt(self.weights_gib, '.2f')} GiB; peak allocated: "
+                 f"- weights in GPU memory: {_fmt(self.weights_gib, '.2f')} GiB{self._of_model()}; peak allocated: "
                  f"{_fmt(self.peak_memory_gib, '.2f')} GiB",
                  "- engine: " + ", ".join(f"{k} {v}" for k, v in self.engine.items()),
                  f"- GPU idle between decode steps: {_fmt(None if self.gpu_idle_fraction is None else 100 * self.gpu_idle_fraction, '.1f')}% of decode wall time",
@@ -83,6 +84,12 @@ class Report:
             lines.append(f"| {r.system} | {r.case} | {_fmt(r.ttft_ms, '.1f')} | {_fmt(r.tpot_ms, '.2f')} | "
                          f"{_fmt(r.tok_s, '.0f')} | {ratio} | {r.note} |")
         return "\n".join(lines) + "\n"
+
+
+    def _of_model(self) -> str:
+        if not self.weights_gib or not self.model_gib:
+            return ""
+        return f" ({100 * self.weights_gib / self.model_gib:.1f}% of the model's {self.model_gib:.2f} GiB unquantized)"
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -185,8 +192,8 @@ def run_requests(engine: Any, prompts: list[list[int]], out_len: int, device: st
 
 def model_hidden(compiled: Any) -> int:
     """The hidden size, read off the serving graph's embedding table."""
-    emb = next(op for op in compiled.graph.ops if op.name == "llm.embedding")
-    return int(emb.operands[0].type.shape[1])
+    emb = next(op for op in compiled.graph.ops if op.name in ("llm.embedding", "quant.embedding"))
+    return int(emb.results[0].type.shape[-1])
 
 
 CALIB_WINDOWS, CALIB_LEN = 8, 256
@@ -232,8 +239,10 @@ def bench_kiln(source: Any, args: argparse.Namespace, report: Report, vocab: int
     _sync(compiled.device)
     t2 = time.perf_counter()
     report.compile_s.update({"trace+passes": t1 - t0, "weights to device": t2 - t1})
-    if compiled.device.startswith("cuda"):
-        report.weights_gib = torch.cuda.memory_allocated() / 2**30
+    if compiled.device.startswith("cuda"):  # kiln's own weights (a random-weight shape's twin is on the GPU too)
+        report.weights_gib = getattr(exe, "weight_bytes", torch.cuda.memory_allocated()) / 2**30
+    if hasattr(source, "parameters"):
+        report.model_gib = sum(p.numel() * p.element_size() for p in source.parameters()) / 2**30
     timer = _StepTimer(exe) if compiled.device.startswith("cuda") else exe
     longest = max([args.input_len + args.output_len] + [int(w.split("/")[0]) + int(w.split("/")[1])
                                                         for w in args.workloads])

@@ -112,6 +112,17 @@ def test_quantized_graphs_agree_with_the_reference(quant, dtype, tol):
         assert err <= tol, f"{quant} {dtype}: relative logit error {err:.2e} > {tol:g}"
 
 
+@pytest.mark.parametrize("quant", [None, "w8a16", kiln.QuantConfig("w4a16", group_size=32)], ids=["bf16", "w8a16", "w4a16"])
+def test_weight_bytes_are_the_weights_in_their_kernels_forms(quant):
+    """What `kiln bench` reports as weights in GPU memory: the parameters as loaded (tied ones once), AWQ's in
+    the K-packed form (unpacked zero points: a little more than AutoAWQ's int32 words), not the graph's estimate."""
+    ref = kiln.compile(tiny(dtype=torch.bfloat16, tie_word_embeddings=True).to(HERE), target="reference",
+                       progress=False, device=HERE, pipeline=PIPELINES["cuda"], quant=quant)
+    exe = cuda.compile(ref.graph, device=HERE, progress=False)
+    in_graph = sum(p.type.nbytes() for p in ref.graph.params.values())
+    assert in_graph <= exe.weight_bytes <= 1.1 * in_graph
+
+
 def test_forms_the_kernels_do_not_take_fall_back_to_the_reference():
     # a sliding window shorter than the prompts: the attention lowering declines, the reference runs
     ref, exe, graph = both(tiny("mistral", sliding_window=8).to(HERE), HERE, cuda_graphs=False)

@@ -5,6 +5,7 @@
     python -m kiln.kernels.bench --check kpacked       # the K-packed W4A16 paths alone
     python -m kiln.kernels.bench --only gemm,attn --sweep
     python -m kiln.kernels.bench --only decode-sweep   # swap-AB decode GEMM configs against the defaults
+    python -m kiln.kernels.bench --only served-sweep --formats fp8   # the merged 8B shapes at M = 1, K splits too
     python -m kiln.kernels.bench --only awq-sweep      # K-packed W4A16 configs (GEMV at M = 1, MMA, dequantise)
     python -m kiln.kernels.bench --only awq-sweep --awq-m 1   # the M = 1 GEMVs alone
 
@@ -231,9 +232,11 @@ def decode_tag(cfg: gemm.DecodeConfig) -> str:
     return f"{cfg.block_n}/{cfg.block_k}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages}/{cfg.block_m}"
 
 
-def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int, N: int, K: int) -> str:
+def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int, N: int, K: int,
+                      splits: tuple[int, ...] = ()) -> str:
     """The default decode config against the best swap-AB one of block_n x block_k x stages, its two
-    leaders split over K to fill the SMs, and the leader with an 8-column x tile."""
+    leaders split over K to fill the SMs, and the leader with an 8-column x tile; with `splits`, the three
+    leaders also at each of those K splits (a grid of a few waves ends in a partial one: splitting evens it)."""
     fmt = DECODE_FORMATS[name]
     w_bytes = N * K * fmt.w_bytes
     pool = itertools.cycle([fmt.make(M, N, K)() for _ in range(num_sets(w_bytes))])
@@ -259,6 +262,9 @@ def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int,
         split = gemm.decode_split(blocks, triton.cdiv(K, cfg.block_k))
         if split > 1:  # as the default config splits (one launch, the last program sums)
             time(replace(cfg, split_k=split))
+    for cfg, split in itertools.product(ranked()[:3], splits):
+        if split * cfg.block_k <= K:
+            time(replace(cfg, split_k=split))
     if ranked() and M <= 8:
         time(replace(ranked()[0], block_m=8))
     head = f"{name:<5} {model} {layer:<7} M{M} N{N:<5} K{K:<5}"
@@ -273,12 +279,19 @@ def decode_sweep_line(ceil: Ceilings, name: str, model: str, layer: str, M: int,
             f"{decode_tag(best):<15} {times[None] / times[best]:4.2f}x" + (f" ({failed} failed)" if failed else ""))
 
 
-def decode_sweep(ceil: Ceilings, formats: list[str]) -> None:
-    """Swap-AB decode configs against the default, one line per (format, shape, M), printed as measured."""
+# The 8B linears as a decode step runs them: q/k/v and gate/up merged, and the lm_head.
+SERVED_LINEARS = [("8B", "qkv", 6144, 4096), ("8B", "o", 4096, 4096), ("8B", "gate/up", 28672, 4096),
+                  ("8B", "down", 4096, 14336), ("8B", "lm_head", 128256, 4096)]
+
+
+def decode_sweep(ceil: Ceilings, formats: list[str], served: bool = False) -> None:
+    """Swap-AB decode configs against the default, one line per (format, shape, M), printed as measured;
+    `served`: the merged 8B shapes at M = 1, each leader also split 2 to 4 ways."""
     print("# decode-sweep: us, TB/s of weights (% of copy); cfg block_n/block_k/split_k/warps/stages/block_m",
           flush=True)
-    for name, (model, layer, N, K), M in itertools.product(formats, LINEARS, (1, 8)):
-        print(decode_sweep_line(ceil, name, model, layer, M, N, K), flush=True)
+    shapes, ms, splits = (SERVED_LINEARS, (1,), (2, 3, 4)) if served else (LINEARS, (1, 8), ())
+    for name, (model, layer, N, K), M in itertools.product(formats, shapes, ms):
+        print(decode_sweep_line(ceil, name, model, layer, M, N, K, splits), flush=True)
         torch.cuda.empty_cache()
 
 
@@ -649,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", nargs="?", const="all", choices=("all", "kpacked"),
                     help="GPU correctness at real shapes, then exit (kpacked: the K-packed W4A16 paths alone)")
     ap.add_argument("--only", default="gemm,attn,small",
-                    help="comma list of gemm, sweep, decode-sweep, awq-sweep, attn, small")
+                    help="comma list of gemm, sweep, decode-sweep, served-sweep, awq-sweep, attn, small")
     ap.add_argument("--formats", default=",".join(DECODE_FORMATS),
                     help="weight formats timed by decode-sweep (comma list of bf16, fp8, w8a16)")
     ap.add_argument("--sweep", action="store_true", help="also time alternative attention configs")
@@ -681,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"gemm": lambda: bench_gemm(ceil, rows),
                 "sweep": lambda: sweep(ceil, rows),
                 "decode-sweep": lambda: decode_sweep(ceil, args.formats.split(",")),
+                "served-sweep": lambda: decode_sweep(ceil, args.formats.split(","), served=True),
                 "awq-sweep": lambda: awq_sweep(ceil, ms=tuple(int(m) for m in args.awq_m.split(","))),
                 "attn": lambda: bench_attention(ceil, rows, args.sweep),
                 "small": lambda: bench_small_ops(ceil, rows)}

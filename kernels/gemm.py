@@ -141,8 +141,10 @@ def decode_config(M: int, N: int, K: int, w_bytes: int = 2, x_bytes: int = 2) ->
     bf16 and fp8 take the swap-AB form (64 weight rows fill a wgmma; 2 to 25% faster than the
     x-as-A form on every Llama-3.1-8B/3.2-1B shape but one, H100, `bench.py --only decode-sweep`)."""
     if w_bytes == 1 and x_bytes == 1:  # fp8
+        if N >= 8192 and K >= 4096:  # 8B merged gate/up, lm_head: 1.09x / 1.02x over 64/256/3 (`--only served-sweep`)
+            return DecodeConfig(64, 512, None, 4, 4, 16, swap_ab=True)
         if N >= 8192:
-            return DecodeConfig(64, 256, None, 4, 3 if K >= 4096 else 5, 16, swap_ab=True)
+            return DecodeConfig(64, 256, None, 4, 5, 16, swap_ab=True)
         return DecodeConfig(64, 512, None, 4, 5, 16, swap_ab=True)
     if w_bytes == 1:  # int8 weights, widened in registers: the x-as-A form until a sweep says otherwise
         return DecodeConfig(32, 512, 1, 4, 3)

@@ -103,13 +103,13 @@ def _quantize_rows(ctx: StepContext, x, *, dtype: DType, eps: float, bound: floa
 @lowering("quant.quantize")
 def _quantize(ctx: StepContext, x, scale, zero_point=None, *, dtype: DType, axis: int | None = None,
               group_size: int | None = None) -> Any:
-    from ..ir.ops.quant import _FP8_MAX
+    from ..ir.ops.quant import qmax
     from ..kernels import quantize_tensor
     from ..kernels.hardware import interpreting
 
     if dtype is not DType.f8e4m3 or zero_point is not None or scale.numel() != 1 or interpreting():
         return NotImplemented  # int8, per-channel and group scales: the reference's ops (as quantize_rows)
-    return quantize_tensor(x, scale, dtype.torch, _FP8_MAX[dtype])
+    return quantize_tensor(x, scale, dtype.torch, qmax(dtype))
 
 
 @lowering("quant.linear_w8a16")

@@ -539,10 +539,9 @@ def _skip_reason(op: Op, config: QuantConfig, calibration: Calibration | None = 
         return f"{where} is not quantized: its weight {w.ref} is computed, not a parameter"
     if w.storage is None:
         return f"{where} is not quantized: {w.ref} has no data to quantize"
-    if not w.type.dtype.is_float or w.type.dtype in _FP8_MAX:
-        return f"{where} is not quantized: {w.ref} is {w.type.dtype}, not a 16/32-bit float"
-    if not w.type.is_static or w.type.rank != 2:
-        return f"{where} is not quantized: {w.ref} is {w.type}, not a static [out, in] matrix"
+    why = _not_a_float_matrix(w, "[out, in]")
+    if why is not None:
+        return f"{where} is not quantized: {why}"
     pattern = config.excludes(op)
     if pattern is not None:
         return f"{where} is not quantized: excluded by {pattern!r}"
@@ -635,12 +634,20 @@ def quantize_embeddings(graph: Graph, config: QuantConfig, quantized: dict[str, 
     return count
 
 
+def _not_a_float_matrix(w: Value, shape: str) -> str | None:
+    """Why a weight or table cannot be quantized as it is typed, if it cannot."""
+    if not w.type.dtype.is_float or w.type.dtype in _FP8_MAX:
+        return f"{w.ref} is {w.type.dtype}, not a 16/32-bit float"
+    if not w.type.is_static or w.type.rank != 2:
+        return f"{w.ref} is {w.type}, not a static {shape} matrix"
+    return None
+
+
 def _table_skip_reason(graph: Graph, op: Op, config: QuantConfig) -> str | None:
     table = op.operands[0]
-    if not table.type.dtype.is_float or table.type.dtype in _FP8_MAX:
-        return f"{table.ref} is {table.type.dtype}, not a 16/32-bit float"
-    if not table.type.is_static or table.type.rank != 2:
-        return f"{table.ref} is {table.type}, not a static [vocab, hidden] matrix"
+    why = _not_a_float_matrix(table, "[vocab, hidden]")
+    if why is not None:
+        return why
     pattern = _matches(op, config.exclude_modules)
     if pattern is not None:
         return f"excluded by {pattern!r}"

@@ -195,6 +195,8 @@ def _feature_axes(shape: tuple[Dim, ...], n: int, k: int, k_major: bool) -> tupl
 
 _tokens = Var("tokens", where=lambda v: v.is_input and v.name == "tokens")
 _views = ("core.reshape", "core.cast")
+
+
 def _made_of_params(v: Value) -> bool:
     return v.is_param or (v.op is not None and v.op.opdef.is_pure and all(map(_made_of_params, v.op.operands)))
 
@@ -636,11 +638,7 @@ class _Sharder:
         below = b.core.lt(ids, b.constant(end, dtype)) if end < vocab else None
         inside = b.core.logical_and(above, below) if above is not None and below is not None else above or below
         local = b.core.where(inside, b.core.sub(ids, lo) if lo is not None else ids, b.constant(0, dtype))
-        mine = ((start, end),)
-        if op.name == "quant.embedding":
-            rows = b.quant.embedding(self._take(table, 0, mine), self._take(op.operands[1], 0, mine), local)
-        else:
-            rows = b.llm.embedding(self._cut(table, 0, mine, op), local)
+        rows = b.op(op.opdef, *(self._cut(v, 0, ((start, end),), op) for v in op.operands[:-1]), local)
         mask = b.core.reshape(inside, shape=[*ids.type.shape, 1])
         out = b.dist.all_reduce(b.core.where(mask, rows, b.constant(0, rows.type.dtype)))
         self.graph.replace_all_uses(op.results[0], out)

@@ -85,7 +85,6 @@ class Report:
                          f"{_fmt(r.tok_s, '.0f')} | {ratio} | {r.note} |")
         return "\n".join(lines) + "\n"
 
-
     def _of_model(self) -> str:
         if not self.weights_gib or not self.model_gib:
             return ""

@@ -331,8 +331,10 @@ def _embedding(table: TensorType, scale: TensorType, ids: TensorType) -> TensorT
 
 
 def _embedding_cost(operands, results, attrs, bindings) -> tuple[int, int]:
-    rows = results[0].numel(bindings) // results[0].shape[-1] if isinstance(results[0].shape[-1], int) else 0
-    return results[0].numel(bindings), results[0].nbytes(bindings) * 2 + rows * 4
+    table, scale, ids = operands
+    read = (TensorType(table.dtype, results[0].shape).nbytes(bindings)          # the looked-up rows
+            + TensorType(scale.dtype, ids.shape).nbytes(bindings) + ids.nbytes(bindings))
+    return results[0].numel(bindings), read + results[0].nbytes(bindings)
 
 
 @op("quant.embedding", infer=_embedding, cost=_embedding_cost)

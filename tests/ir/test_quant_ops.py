@@ -205,7 +205,10 @@ def test_embedding_type_inference(types, message):
     b = Builder()
     args = [b.input(f"x{i}", t) for i, t in enumerate(types)]
     if message is None:
-        assert b.create("quant.embedding", *args).results[0].type == f32["T", 4]
+        op = b.create("quant.embedding", *args)
+        assert op.results[0].type == f32["T", 4]
+        # a multiply per element; bytes: the 3 looked-up int8 rows, their f32 scales, the ids, the f32 rows
+        assert op.opdef.cost([a.type for a in args], [op.results[0].type], {}, {"T": 3}) == (12, 12 + 12 + 12 + 48)
         return
     with pytest.raises(OpError, match=message):
         b.create("quant.embedding", *args)
